@@ -1,0 +1,4 @@
+"""divergence losses."""
+
+__all__ = []
+LOSS_NAMES = ()

@@ -1,0 +1,4 @@
+"""large_vocab losses."""
+
+__all__ = []
+LOSS_NAMES = ()

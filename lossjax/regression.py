@@ -1,0 +1,4 @@
+"""regression losses."""
+
+__all__ = []
+LOSS_NAMES = ()

@@ -1,0 +1,4 @@
+"""sequence losses."""
+
+__all__ = []
+LOSS_NAMES = ()
