@@ -111,9 +111,9 @@ def cross_entropy(
       >>> import jax.numpy as jnp, lossjax
       >>> logits = jnp.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
       >>> lossjax.cross_entropy(logits, jnp.array([0, 1]), reduction="none")
-      Array([0.16984604, 0.55144465], dtype=float32)
+      Array([0.1698, 0.5514], dtype=float32)
       >>> lossjax.cross_entropy(logits, jnp.array([0, -100]))  # -100 is ignored
-      Array(0.16984604, dtype=float32)
+      Array(0.1698, dtype=float32)
 
     References:
       Szegedy et al., Rethinking the Inception Architecture (label smoothing), 2016.
