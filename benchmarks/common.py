@@ -1,0 +1,120 @@
+"""Shared benchmark machinery: one fresh process per case, medians, markdown tables.
+
+A benchmark module defines `CASES` (a list of case names) and `measure(case) -> dict`
+(numbers for that case, measured in the current process), and calls
+`common.main(__name__, CASES, measure, ...)` from its `__main__` block. `main` re-runs
+the module once per case and repetition in a fresh interpreter (`--case NAME`), so no
+case inherits another's compilation cache, allocator state or peak memory, and reports
+the median over processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+
+
+def block(x):
+    """Waits for every array in a pytree (JAX or torch) to be computed."""
+    return jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
+
+
+def median_time(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2) -> float:
+    """Median wall time in seconds of `fn()`, after `warmup` calls (compilation)."""
+    for _ in range(warmup):
+        block(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        block(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def compiled_temp_mib(jitted, *args) -> float | None:
+    """XLA's temporary buffer size for `jitted(*args)`, in MiB, where XLA reports it."""
+    try:
+        analysis = jitted.lower(*args).compile().memory_analysis()
+        return analysis.temp_size_in_bytes / 2**20
+    except Exception:  # Some backends report no memory analysis.
+        return None
+
+
+def run_case_in_fresh_process(module: str, case: str, timeout: float) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--case", case],
+        capture_output=True, text=True, timeout=timeout, env=os.environ.copy(),
+    )
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def median_over_processes(results: Sequence[dict]) -> dict:
+    """Per key, the median of the numeric values over the processes that produced it."""
+    merged: dict = {}
+    for key in dict.fromkeys(k for r in results for k in r):
+        values = [r[key] for r in results if key in r]
+        numbers = [v for v in values if isinstance(v, (int, float)) and v is not None]
+        merged[key] = statistics.median(numbers) if numbers else values[0]
+    return merged
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(
+    module: str,
+    cases: Sequence[str],
+    measure: Callable[[str], dict],
+    *,
+    processes: int = 3,
+    timeout: float = 600,
+) -> list[dict] | None:
+    """Entry point of a benchmark module.
+
+    With `--case NAME`, measures that case here and prints its JSON. Otherwise runs
+    every case (or those named with `--only`) in `processes` fresh interpreters each
+    and returns one merged result dict per case, with "case" set.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m {module}")
+    parser.add_argument("--case", help="measure one case in this process (JSON out)")
+    parser.add_argument("--only", nargs="*", help="substrings of the cases to run")
+    parser.add_argument("--processes", type=int, default=processes)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(measure(args.case)))
+        return None
+    selected = [c for c in cases if not args.only or any(s in c for s in args.only)]
+    merged = []
+    for case in selected:
+        runs = [run_case_in_fresh_process(module, case, timeout)
+                for _ in range(args.processes)]
+        ok = [r for r in runs if "error" not in r]
+        result = median_over_processes(ok) if ok else runs[0]
+        result["case"] = case
+        merged.append(result)
+        print(f"  {case}: {result}", file=sys.stderr, flush=True)
+    return merged
