@@ -101,13 +101,16 @@ def main(
     """
     parser = argparse.ArgumentParser(prog=f"python -m {module}")
     parser.add_argument("--case", help="measure one case in this process (JSON out)")
-    parser.add_argument("--only", nargs="*", help="substrings of the cases to run")
+    parser.add_argument(
+        "--only", nargs="*", help="cases to run: whole names, or their part before '/'"
+    )
     parser.add_argument("--processes", type=int, default=processes)
     args = parser.parse_args()
     if args.case:
         print(json.dumps(measure(args.case)))
         return None
-    selected = [c for c in cases if not args.only or any(s in c for s in args.only)]
+    only = set(args.only or ())
+    selected = [c for c in cases if not only or c in only or c.split("/")[0] in only]
     merged = []
     for case in selected:
         runs = [run_case_in_fresh_process(module, case, timeout)

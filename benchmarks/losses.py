@@ -1,0 +1,195 @@
+"""Every lossjax loss against optax and torch (CPU): forward and forward+grad.
+
+    python -m benchmarks.losses                 # all losses, 3 fresh processes per case
+    python -m benchmarks.losses --only cross_entropy huber --processes 5
+
+One case is one (loss, implementation) pair measured in a fresh interpreter: the jitted
+forward (mean reduction) and the jitted gradient with respect to the first input, on
+the same float32 inputs for every implementation. The table gives median times and the
+ratio of lossjax to the faster baseline (< 1 means lossjax is faster).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from benchmarks import common
+
+# Classification inputs [rows, classes]; elementwise inputs [rows * classes].
+ROWS, CLASSES = 4096, 512
+ELEMENTS = ROWS * CLASSES
+
+
+def _inputs(kind: str):
+    rng = np.random.default_rng(0)
+    f32 = lambda *s: rng.normal(size=s).astype(np.float32)
+    if kind == "int_labels":
+        return f32(ROWS, CLASSES), rng.integers(0, CLASSES, ROWS).astype(np.int32)
+    if kind == "binary":
+        return f32(ROWS, CLASSES), rng.integers(0, 2, (ROWS, CLASSES)).astype(np.float32)
+    if kind == "signs":
+        return f32(ELEMENTS), np.sign(f32(ELEMENTS)).astype(np.float32)
+    if kind == "regression":
+        return f32(ELEMENTS), f32(ELEMENTS)
+    if kind == "positive_targets":
+        return f32(ELEMENTS), rng.poisson(2.0, ELEMENTS).astype(np.float32)
+    if kind == "gaussian":
+        return f32(ELEMENTS), f32(ELEMENTS), rng.uniform(0.5, 2, ELEMENTS).astype(np.float32)
+    if kind == "distributions":
+        x = f32(ROWS, CLASSES)
+        log_p = x - np.log(np.exp(x).sum(-1, keepdims=True))
+        return log_p.astype(np.float32), rng.dirichlet(np.ones(CLASSES), ROWS).astype(np.float32)
+    if kind == "two_logits":
+        return f32(ROWS, CLASSES), f32(ROWS, CLASSES)
+    if kind == "vectors":
+        return f32(ROWS, CLASSES), f32(ROWS, CLASSES)
+    raise ValueError(kind)
+
+
+def _optax(name):
+    import jax.numpy as jnp
+    import optax.losses as ol
+
+    table = {
+        "cross_entropy": ol.softmax_cross_entropy_with_integer_labels,
+        "binary_cross_entropy": ol.sigmoid_binary_cross_entropy,
+        "sigmoid_focal_loss": ol.sigmoid_focal_loss,
+        "hinge_loss": ol.hinge_loss,
+        "squared_error": ol.squared_error,
+        "huber_loss": ol.huber_loss,
+        "log_cosh": ol.log_cosh,
+        "kl_divergence": ol.kl_divergence,
+        "cosine_similarity_loss": ol.cosine_distance,
+    }
+    fn = table.get(name)
+    return None if fn is None else (lambda *a: jnp.mean(fn(*a)))
+
+
+def _torch(name):
+    import torch.nn.functional as F
+
+    return {
+        "cross_entropy": lambda x, y: F.cross_entropy(x, y.long()),
+        "binary_cross_entropy": F.binary_cross_entropy_with_logits,
+        "multiclass_hinge_loss": lambda x, y: F.multi_margin_loss(x, y.long()),
+        "squared_error": F.mse_loss,
+        "absolute_error": F.l1_loss,
+        "huber_loss": F.huber_loss,
+        "smooth_l1_loss": F.smooth_l1_loss,
+        "poisson_nll": F.poisson_nll_loss,
+        "gaussian_nll": F.gaussian_nll_loss,
+        "kl_divergence": lambda x, y: F.kl_div(x, y, reduction="batchmean"),
+        "cosine_similarity_loss": lambda x, y: (1 - F.cosine_similarity(x, y)).mean(),
+    }.get(name)
+
+
+# lossjax name -> kind of inputs. Losses with their own benchmark (ctc_loss in
+# benchmarks.ctc, linear_cross_entropy in benchmarks.fused_ce) are not repeated here.
+INPUTS = {
+    "cross_entropy": "int_labels",
+    "focal_loss": "int_labels",
+    "multiclass_hinge_loss": "int_labels",
+    "binary_cross_entropy": "binary",
+    "sigmoid_focal_loss": "binary",
+    "hinge_loss": "signs",
+    "squared_error": "regression",
+    "absolute_error": "regression",
+    "huber_loss": "regression",
+    "smooth_l1_loss": "regression",
+    "log_cosh": "regression",
+    "quantile_loss": "regression",
+    "poisson_nll": "positive_targets",
+    "gaussian_nll": "gaussian",
+    "kl_divergence": "distributions",
+    "js_divergence": "two_logits",
+    "cosine_similarity_loss": "vectors",
+}
+IMPLEMENTATIONS = ("lossjax", "optax", "torch")
+CASES = [f"{name}/{impl}" for name in INPUTS for impl in IMPLEMENTATIONS]
+
+
+def _measure_jax(fn, inputs):
+    import jax
+
+    args = [jax.device_put(a) for a in inputs]
+    forward = jax.jit(fn)
+    grad = jax.jit(jax.grad(fn))
+    return {
+        "forward_ms": 1e3 * common.median_time(lambda: forward(*args)),
+        "grad_ms": 1e3 * common.median_time(lambda: grad(*args)),
+    }
+
+
+def _measure_torch(fn, inputs):
+    import torch
+
+    args = [torch.from_numpy(a) for a in inputs]
+    x = args[0].clone().requires_grad_(True)
+
+    def forward():
+        with torch.no_grad():
+            return fn(*args)
+
+    def grad():
+        x.grad = None
+        fn(x, *args[1:]).backward()
+        return x.grad
+
+    return {
+        "forward_ms": 1e3 * common.median_time(forward),
+        "grad_ms": 1e3 * common.median_time(grad),
+    }
+
+
+def measure(case: str) -> dict:
+    name, impl = case.split("/")
+    inputs = _inputs(INPUTS[name])
+    if impl == "lossjax":
+        import lossjax
+
+        if name not in lossjax.LOSSES:
+            return {"missing": True}
+        loss = lossjax.get(name)
+        return _measure_jax(lambda *a: loss(*a), inputs)
+    if impl == "optax":
+        fn = _optax(name)
+        return {"missing": True} if fn is None else _measure_jax(fn, inputs)
+    fn = _torch(name)
+    return {"missing": True} if fn is None else _measure_torch(fn, inputs)
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    by_case = {r["case"]: r for r in results}
+    rows = []
+    for name in INPUTS:
+        get = lambda impl, key: by_case.get(f"{name}/{impl}", {}).get(key)
+        if get("lossjax", "forward_ms") is None:
+            continue
+        row = {"loss": name}
+        for mode in ("forward", "grad"):
+            key = f"{mode}_ms"
+            ours = get("lossjax", key)
+            baselines = [v for v in (get("optax", key), get("torch", key)) if v]
+            row[f"{mode} lossjax ms"] = ours
+            row[f"{mode} optax ms"] = get("optax", key)
+            row[f"{mode} torch ms"] = get("torch", key)
+            row[f"{mode} ratio"] = ours / min(baselines) if baselines else None
+        rows.append(row)
+    return rows
+
+
+COLUMNS = [
+    "loss",
+    "forward lossjax ms", "forward optax ms", "forward torch ms", "forward ratio",
+    "grad lossjax ms", "grad optax ms", "grad torch ms", "grad ratio",
+]
+
+if __name__ == "__main__":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    results = common.main("benchmarks.losses", CASES, measure)
+    if results is not None:
+        print(f"\nfloat32, classification [{ROWS}, {CLASSES}], elementwise [{ELEMENTS}]; "
+              "ratio = lossjax / faster of optax and torch (< 1: lossjax faster)\n")
+        print(common.markdown_table(summarize(results), COLUMNS))
