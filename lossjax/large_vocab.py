@@ -56,6 +56,28 @@ def _block_logits(h, kernel_b, bias_b, softcap, acc_dtype):
     return softcap * th, th
 
 
+def _varying_axes(x) -> frozenset:
+    """The shard_map mesh axes `x` varies over (empty outside shard_map)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))  # older jax spelling
+
+
+def _vary_like(tree, ref):
+    """Gives loop carries the shard_map axes `ref` varies over (a loop keeps them fixed)."""
+    axes = _varying_axes(ref)
+    if not axes:
+        return tree
+
+    def cast(a):
+        missing = tuple(sorted(axes - _varying_axes(a)))
+        return lax.pcast(a, missing, to="varying") if missing else a
+
+    return jax.tree.map(cast, tree)
+
+
 def _vocab_blocks(vocab: int, block: int):
     """(number of full blocks, width of the remainder block) for a vocab of `vocab`."""
     return vocab // block, vocab % block
@@ -98,7 +120,7 @@ def _stats_forward(h, kernel, bias, u, labels, block, softcap, need_sum):
         return m_new, s, xy, total
 
     zeros = jnp.zeros((tokens,), acc)
-    carry = (jnp.full((tokens,), -jnp.inf, acc), zeros, zeros, zeros)
+    carry = _vary_like((jnp.full((tokens,), -jnp.inf, acc), zeros, zeros, zeros), h)
     if full:
         carry = lax.fori_loop(0, full, lambda i, c: step(c, i * block, block), carry)
     if rest:
@@ -156,6 +178,7 @@ def _fused_stats_bwd(block, softcap, need_sum, residuals, cotangents):
         None if bias is None else jnp.zeros_like(bias),
         None if u is None else jnp.zeros(u.shape, acc),
     )
+    carry = _vary_like(carry, h)
     if full:
         carry = lax.fori_loop(0, full, lambda i, c: step(c, i * block, block), carry)
     if rest:
@@ -181,15 +204,11 @@ def _match_varying(arrays):
     union of both; casting the inputs up front makes their transposes (psums over the
     axes an input was replicated on) JAX's job rather than ours.
     """
-    present = [a for a in arrays if a is not None]
-    try:
-        axes = frozenset().union(*(jax.typeof(a).vma for a in present))
-    except AttributeError:  # Outside shard_map there is nothing to match.
-        return arrays
+    axes = frozenset().union(*(_varying_axes(a) for a in arrays if a is not None))
     out = []
     for a in arrays:
         if a is not None:
-            missing = tuple(sorted(axes - jax.typeof(a).vma))
+            missing = tuple(sorted(axes - _varying_axes(a)))
             if missing:
                 a = lax.pcast(a, missing, to="varying")
         out.append(a)
@@ -359,7 +378,7 @@ def linear_cross_entropy(
     if axis_name is not None:
         # Combine the shards' logsumexps; the max is only a shift (the result does not
         # depend on it), so it needs no gradient.
-        m = lax.stop_gradient(lax.pmax(lse, axis_name))
+        m = lax.pmax(lax.stop_gradient(lse), axis_name)
         lse = m + jnp.log(lax.psum(jnp.exp(lse - m), axis_name))
         label_logit = lax.psum(label_logit, axis_name)
         if need_sum:
