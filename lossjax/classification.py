@@ -77,7 +77,8 @@ def _label_weight(class_weights, safe_labels, dtype):
     """class_weights[labels] in `dtype`, or None without class weights."""
     if class_weights is None:
         return None
-    return class_weights.astype(dtype)[safe_labels]
+    # jnp, not the caller's type: a NumPy array cannot be indexed by a tracer.
+    return jnp.asarray(class_weights, dtype)[safe_labels]
 
 
 def _reduce_class_weighted(entry, label_weight, *, kept, weights, reduction):
@@ -682,7 +683,12 @@ def hinge_loss(
 
     See also: `squared_hinge_loss`, `multiclass_hinge_loss`, `soft_margin_loss`.
     """
-    s, t, kept = _elementwise_setup("hinge_loss", scores, targets, where, name="scores",
+    return _hinge("hinge_loss", scores, targets, margin=margin, squared=squared,
+                  where=where, weights=weights, reduction=reduction)
+
+
+def _hinge(loss, scores, targets, *, margin, squared, where, weights, reduction):
+    s, t, kept = _elementwise_setup(loss, scores, targets, where, name="scores",
                                     target_rule="sign")
     entry = jax.nn.relu(margin - t * s)
     if squared:
@@ -729,8 +735,8 @@ def squared_hinge_loss(
 
     See also: `hinge_loss`.
     """
-    return hinge_loss(scores, targets, margin=margin, squared=True, where=where,
-                      weights=weights, reduction=reduction)
+    return _hinge("squared_hinge_loss", scores, targets, margin=margin, squared=True,
+                  where=where, weights=weights, reduction=reduction)
 
 
 def soft_margin_loss(

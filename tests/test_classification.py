@@ -1,0 +1,788 @@
+"""Tests for lossjax.classification: one table of cases, every contract rule over it.
+
+Each case is (loss, keyword options, NumPy reference, kind of inputs). The generic tests
+run over the whole table; the classes at the end hold torch parity, sibling identities
+and what is specific to one loss (focal Hessians, cross_entropy's float targets, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import references as ref
+import torch
+import torch.nn.functional as F
+from absl.testing import parameterized
+from jax.test_util import check_grads
+
+import lossjax
+from lossjax import classification as C
+
+REDUCTIONS = ("none", "sum", "mean")
+K = 5  # classes
+CLASS_WEIGHTS = np.array([0.5, 1.0, 2.0, 1.5, 0.25])
+POS_WEIGHT = np.array([1.0, 3.0, 0.5, 2.0, 1.5])
+
+# Kinds of inputs, each with the class (or last) axis last:
+#   "int":  logits [..., K] and integer labels [...]
+#   "logp": log-probabilities [..., K] and integer labels [...]
+#   "soft": logits [..., K] and float target distributions [..., K]
+#   "unit": logits [...] and targets in [0, 1] (some exactly 0 or 1)
+#   "sign": scores [...] and targets in {-1, +1}
+INTEGER_KINDS = ("int", "logp")
+
+
+def _make(kind, rng, shape, *, soft_only=False):
+    """float64 NumPy data arguments of `kind`; `shape` includes the last axis."""
+    x = rng.normal(0.0, 2.0, shape)
+    if kind == "int":
+        return x, rng.integers(0, shape[-1], shape[:-1])
+    if kind == "logp":
+        return ref.log_softmax(x), rng.integers(0, shape[-1], shape[:-1])
+    if kind == "soft":
+        return x, rng.dirichlet(np.ones(shape[-1]), shape[:-1])
+    if kind == "unit":
+        t = rng.uniform(0.05, 0.95, shape)
+        if not soft_only:  # hard targets too, except where finite differences need room
+            t = np.where(rng.random(shape) < 0.5, np.round(t), t)
+        return x, t
+    return x, rng.choice([-1.0, 1.0], shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    id: str
+    fn: Callable
+    kwargs: dict
+    ref: Callable
+    kind: str
+
+    def __repr__(self):
+        return self.id
+
+    @property
+    def integer(self):
+        return self.kind in INTEGER_KINDS
+
+    @property
+    def elementwise(self):
+        return self.kind in ("unit", "sign")
+
+    def loss_shape(self, shape):
+        return tuple(shape) if self.elementwise else tuple(shape[:-1])
+
+    def data(self, shape=(6, K), seed=0, **kw):
+        return _make(self.kind, np.random.default_rng(seed), shape, **kw)
+
+    def __call__(self, *data, dtype=None, **kw):
+        args = [jnp.asarray(d, dtype if np.issubdtype(np.asarray(d).dtype, np.floating)
+                            else None) for d in data]
+        return self.fn(*args, **self.kwargs, **kw)
+
+    def reference(self, *data):
+        if self.integer:  # references know nothing of ignore_index
+            x, labels = data
+            data = (x, np.where(labels < 0, 0, labels))
+        return self.ref(*data, **self.kwargs)
+
+    def normalizer(self, labels, weights):
+        """The "mean" denominator's per-entry weights (torch's class-weighted mean)."""
+        cw = self.kwargs.get("class_weights")
+        if cw is None or not self.integer or self.fn is C.multiclass_hinge_loss:
+            # Float targets: class weights act inside the entry; multi_margin_loss
+            # divides by the count (torch).
+            return None
+        w = np.asarray(cw)[np.where(labels < 0, 0, labels)]
+        return w if weights is None else w * weights
+
+    @property
+    def float_args(self):
+        """Indices of the data arguments that gradients are taken for."""
+        return (0,) if self.kind in INTEGER_KINDS else (0, 1)
+
+
+def _cw(**kw):
+    return {"class_weights": CLASS_WEIGHTS, **kw}
+
+
+CASES = [
+    Case("ce", C.cross_entropy, {}, ref.cross_entropy, "int"),
+    Case("ce_smooth_cw", C.cross_entropy, _cw(label_smoothing=0.2), ref.cross_entropy,
+         "int"),
+    Case("ce_soft_smooth_cw", C.cross_entropy, _cw(label_smoothing=0.1),
+         ref.cross_entropy_soft, "soft"),
+    Case("bce", C.binary_cross_entropy, {}, ref.binary_cross_entropy, "unit"),
+    Case("bce_pw_smooth", C.binary_cross_entropy,
+         {"pos_weight": POS_WEIGHT, "label_smoothing": 0.1}, ref.binary_cross_entropy,
+         "unit"),
+    Case("sigmoid_focal", C.sigmoid_focal_loss, {}, ref.sigmoid_focal_loss, "unit"),
+    Case("sigmoid_focal_a.25_g.5", C.sigmoid_focal_loss, {"alpha": 0.25, "gamma": 0.5},
+         ref.sigmoid_focal_loss, "unit"),
+    Case("focal", C.focal_loss, {}, ref.focal_loss, "int"),
+    Case("focal_g.5_cw", C.focal_loss, _cw(gamma=0.5), ref.focal_loss, "int"),
+    Case("poly1", C.poly1_cross_entropy, {}, ref.poly1_cross_entropy, "int"),
+    Case("poly1_e-.5_cw", C.poly1_cross_entropy, _cw(epsilon=-0.5),
+         ref.poly1_cross_entropy, "int"),
+    Case("nll", C.nll_loss, {}, ref.nll_loss, "logp"),
+    Case("nll_cw", C.nll_loss, _cw(), ref.nll_loss, "logp"),
+    Case("hinge", C.hinge_loss, {}, ref.hinge_loss, "sign"),
+    Case("hinge_sq_m.5", C.hinge_loss, {"margin": 0.5, "squared": True},
+         ref.hinge_loss, "sign"),
+    Case("squared_hinge", C.squared_hinge_loss, {},
+         lambda s, t: ref.hinge_loss(s, t, squared=True), "sign"),
+    Case("soft_margin", C.soft_margin_loss, {}, ref.soft_margin_loss, "sign"),
+    Case("multi_hinge", C.multiclass_hinge_loss, {}, ref.multiclass_hinge_loss, "int"),
+    Case("multi_hinge_p2_cw", C.multiclass_hinge_loss, _cw(p=2, margin=0.7),
+         ref.multiclass_hinge_loss, "int"),
+]
+# One case per loss function, for the rules that do not depend on options.
+FIRST_CASES = list({c.fn: c for c in reversed(CASES)}.values())[::-1]
+
+
+def test_table_covers_every_loss():
+    assert {c.fn.__name__ for c in CASES} == set(C.LOSS_NAMES) == set(C.__all__)
+    for name in C.LOSS_NAMES:
+        assert lossjax.get(name) is getattr(C, name)
+        assert lossjax.family_of(name) == "classification"
+
+
+def _mask_and_weights(case, shape, seed=1):
+    rng = np.random.default_rng(seed)
+    lshape = case.loss_shape(shape)
+    return rng.random(lshape) < 0.7, rng.uniform(0.5, 2.0, lshape)
+
+
+def _with_ignored(case, data):
+    """Integer cases: set two labels to ignore_index (-100)."""
+    if not case.integer:
+        return data
+    x, labels = data
+    labels = labels.copy()
+    labels.reshape(-1)[[1, 4]] = -100
+    return x, labels
+
+
+def _kept(case, data, where):
+    return where & (data[1] != -100) if case.integer else where
+
+
+# --- generic tests over the table ------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_values_match_reference(case):
+    shape = (6, K)
+    data = _with_ignored(case, case.data(shape))
+    where, weights = _mask_and_weights(case, shape)
+    entry = case.reference(*data)
+    with jax.enable_x64(True):
+        for reduction in REDUCTIONS:
+            for kw in ({}, {"where": where, "weights": weights}):
+                got = case(*data, reduction=reduction,
+                           **{k: jnp.asarray(v) for k, v in kw.items()})
+                kept = _kept(case, data, kw.get("where", np.ones(where.shape, bool)))
+                want = ref.reduce(entry, kept=kept, weights=kw.get("weights"),
+                                  reduction=reduction,
+                                  normalizer=case.normalizer(data[1],
+                                                             kw.get("weights")))
+                np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+                assert got.dtype == jnp.float64
+                assert got.shape == (case.loss_shape(shape) if reduction == "none"
+                                     else ())
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_jit_equals_eager_and_vmap_equals_batched(case):
+    shape = (3, 4, K)
+    data = case.data(shape)
+    where, weights = _mask_and_weights(case, shape)
+    args = [jnp.asarray(d, jnp.float32 if d.dtype.kind == "f" else None) for d in data]
+    kw = {"where": jnp.asarray(where), "weights": jnp.asarray(weights, jnp.float32)}
+
+    def f(*a, **k):
+        return case.fn(*a, **case.kwargs, **k)
+
+    eager = f(*args, reduction="none", **kw)
+    jitted = jax.jit(lambda *a: f(*a, reduction="none", **kw))(*args)
+    np.testing.assert_allclose(jitted, eager, rtol=1e-6, atol=1e-7)
+    mapped = jax.vmap(lambda *a: f(*a, reduction="none"))(*args)
+    np.testing.assert_allclose(mapped, f(*args, reduction="none"), rtol=1e-6,
+                               atol=1e-7)
+    # A per-row mean under vmap is the mean over that row's kept entries.
+    row_means = jax.vmap(lambda *a, w: f(*a, where=w))(*args, w=kw["where"])
+    for i in range(shape[0]):
+        one = f(*(a[i] for a in args), where=kw["where"][i])
+        np.testing.assert_allclose(row_means[i], one, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_check_grads(case):
+    data = case.data((3, K), soft_only=True)
+    where, weights = _mask_and_weights(case, (3, K))
+    with jax.enable_x64(True):
+        rest = [jnp.asarray(d) for d in data]
+
+        def f(*float_args):
+            a = list(rest)
+            for i, v in zip(case.float_args, float_args):
+                a[i] = v
+            return case.fn(*a, **case.kwargs, where=jnp.asarray(where),
+                           weights=jnp.asarray(weights), reduction="mean")
+
+        check_grads(f, tuple(rest[i] for i in case.float_args), order=1,
+                    modes=("rev",))
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_finite_at_extreme_logits(case):
+    rng = np.random.default_rng(2)
+    data = list(case.data((4, K)))
+    data[0] = 1e4 * rng.choice([-1.0, 1.0], data[0].shape)
+    x = jnp.asarray(data[0], jnp.float32)
+    rest = [jnp.asarray(d, jnp.float32 if d.dtype.kind == "f" else None)
+            for d in data[1:]]
+    for reduction in ("none", "mean"):
+        loss = case.fn(x, *rest, **case.kwargs, reduction=reduction)
+        assert np.all(np.isfinite(loss)), reduction
+    # Gradients in the logits; in the targets too, except for sigmoid focal with
+    # gamma < 1, whose exact target derivative overflows there (see its docstring).
+    argnums = case.float_args
+    if case.fn is C.sigmoid_focal_loss and case.kwargs.get("gamma", 2.0) < 1:
+        argnums = (0,)
+    grads = jax.grad(lambda *a: case.fn(*a, **case.kwargs), argnums=argnums)(x, *rest)
+    for g in grads:
+        assert np.all(np.isfinite(g))
+
+
+def _poison(case, data, kept):
+    """Puts NaN / inf into the inputs of the entries that `kept` excludes."""
+    x = data[0].copy()
+    bad = ~kept if case.elementwise else np.broadcast_to(~kept[..., None], x.shape)
+    x[bad] = np.where(np.arange(bad.sum()) % 2, np.nan, np.inf)
+    if case.kind in ("unit", "soft"):
+        t = data[1].copy()
+        t[bad] = np.nan
+        return x, t
+    return x, data[1]
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_fully_masked_gives_zero_and_zero_grads(case):
+    data = case.data((4, K))
+    where = np.zeros(case.loss_shape((4, K)), bool)
+    data = _poison(case, data, where)
+    args = [jnp.asarray(d, jnp.float32 if d.dtype.kind == "f" else None) for d in data]
+    for reduction in REDUCTIONS:
+        def f(*a, reduction=reduction):
+            return jnp.sum(case.fn(*a, **case.kwargs, where=jnp.asarray(where),
+                                   weights=jnp.full(where.shape, 2.0),
+                                   reduction=reduction))
+        assert f(*args) == 0.0
+        for g in jax.grad(f, argnums=case.float_args)(*args):
+            np.testing.assert_array_equal(g, np.zeros_like(g))
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_where_equals_slicing_kept_entries(case):
+    shape = (6, K)
+    data = case.data(shape)
+    rows, weights = _mask_and_weights(case, shape)
+    if case.elementwise:  # a row mask [6, 1], broadcast over the last axis
+        rows = rows[:, 0]
+        where = rows[:, None]
+        kept = np.broadcast_to(where, shape)
+    else:
+        where = kept = rows
+    poisoned = _poison(case, data, kept)
+    args = [jnp.asarray(d, jnp.float32 if d.dtype.kind == "f" else None)
+            for d in poisoned]
+    sliced = [jnp.asarray(d[rows], jnp.float32 if d.dtype.kind == "f" else None)
+              for d in data]
+    w = jnp.asarray(weights, jnp.float32)
+    masked = lambda *a: case.fn(*a, **case.kwargs, where=jnp.asarray(where), weights=w)
+    plain = lambda *a: case.fn(*a, **case.kwargs, weights=w[rows])
+    np.testing.assert_allclose(masked(*args), plain(*sliced), rtol=1e-6)
+    for g_masked, g_plain in zip(jax.grad(masked, case.float_args)(*args),
+                                 jax.grad(plain, case.float_args)(*sliced)):
+        np.testing.assert_allclose(g_masked[rows], g_plain, rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(g_masked[~rows], 0.0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_bfloat16(case):
+    data = case.data((6, K))
+    f32 = case(*data, dtype=jnp.float32, reduction="none")
+    bf16 = case(*data, dtype=jnp.bfloat16, reduction="none")
+    assert bf16.dtype == jnp.promote_types(jnp.bfloat16, jnp.float32) == jnp.float32
+    # Stated tolerance: the inputs' bf16 rounding (8 bits of mantissa), not the math,
+    # which runs in float32.
+    np.testing.assert_allclose(bf16, f32, rtol=3e-2, atol=3e-2)
+    args = [jnp.asarray(d, jnp.bfloat16 if d.dtype.kind == "f" else None) for d in data]
+    grads = jax.grad(lambda *a: case.fn(*a, **case.kwargs),
+                     argnums=case.float_args)(*args)
+    for g in grads:
+        assert g.dtype == jnp.bfloat16
+        assert np.all(np.isfinite(np.asarray(g, np.float32)))
+
+
+@pytest.mark.parametrize("case", [c for c in FIRST_CASES if c.integer], ids=repr)
+def test_out_of_range_label_is_nan_unless_excluded(case):
+    x, labels = case.data((4, K))
+    labels = labels.copy()
+    labels[1], labels[2] = K, -1  # above range, and negative (must not wrap)
+    loss = np.asarray(case(x, labels, dtype=jnp.float32, reduction="none"))
+    assert np.isnan(loss[1]) and np.isnan(loss[2])
+    assert np.all(np.isfinite(loss[[0, 3]]))
+    where = np.array([True, False, False, True])
+    for reduction in REDUCTIONS:
+        got = case(x, labels, dtype=jnp.float32, reduction=reduction,
+                   where=jnp.asarray(where))
+        assert np.all(np.isfinite(got))
+        if reduction == "none":
+            np.testing.assert_array_equal(got[1:3], 0.0)
+    # Both counted as ignore_index instead: excluded too.
+    got = case(x, labels, dtype=jnp.float32, ignore_index=K)
+    assert np.isnan(got)  # label -1 is still out of range and kept
+
+
+# --- bad inputs --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", FIRST_CASES, ids=repr)
+def test_bad_shapes_and_dtypes_raise(case):
+    x, t = case.data((4, K))
+    fx = jnp.asarray(x, jnp.float32)
+    ft = jnp.asarray(t, jnp.float32 if t.dtype.kind == "f" else None)
+    data_name = {"sign": "scores", "logp": "log_predictions"}.get(case.kind, "logits")
+    if case.fn is C.multiclass_hinge_loss:
+        data_name = "scores"
+    target_name = "labels" if case.integer else "targets"
+    with pytest.raises(ValueError, match=target_name):
+        case.fn(fx, ft[:3], **case.kwargs)
+    with pytest.raises(TypeError, match=data_name):
+        case.fn(jnp.asarray(x, jnp.int32), ft, **case.kwargs)
+    if case.fn is not C.cross_entropy:  # which also takes float targets
+        with pytest.raises(TypeError, match=target_name):
+            bad_t = ft.astype(jnp.float32) if case.integer else ft.astype(jnp.int32)
+            case.fn(fx, bad_t, **case.kwargs)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        case.fn(fx, ft, **case.kwargs, reduction="avg")
+    with pytest.raises(TypeError, match="where"):
+        case.fn(fx, ft, **case.kwargs, where=jnp.ones(case.loss_shape(x.shape)))
+    with pytest.raises(ValueError, match=r"weights of shape \(3,\)"):
+        case.fn(fx, ft, **case.kwargs, weights=jnp.ones(3))
+    with pytest.raises(TypeError, match="weights"):
+        case.fn(fx, ft, **case.kwargs, weights=jnp.ones(case.loss_shape(x.shape),
+                                                       jnp.int32))
+    if case.integer:
+        with pytest.raises(ValueError, match="class_weights"):
+            case.fn(fx, ft, **{**case.kwargs, "class_weights": jnp.ones(K + 1)})
+        with pytest.raises(ValueError, match="axis"):
+            case.fn(fx, ft, **case.kwargs, axis=2)
+        # Labels of the wrong rank (the class axis kept).
+        with pytest.raises(ValueError, match="labels"):
+            case.fn(fx, jnp.zeros(x.shape, jnp.int32), **case.kwargs)
+
+
+def test_bad_hyperparameters_raise():
+    x, y = jnp.zeros((2, K)), jnp.zeros(2, jnp.int32)
+    with pytest.raises(ValueError, match="gamma"):
+        C.focal_loss(x, y, gamma=-1.0)
+    with pytest.raises(ValueError, match="gamma"):
+        C.sigmoid_focal_loss(x, x, gamma=-0.5)
+    with pytest.raises(ValueError, match="p must be 1 or 2"):
+        C.multiclass_hinge_loss(x, y, p=3)
+    with pytest.raises(ValueError, match="pos_weight"):
+        C.binary_cross_entropy(x, x, pos_weight=jnp.ones(3))
+
+
+@pytest.mark.parametrize("case", FIRST_CASES, ids=repr)
+def test_checked_mode_catches_bad_values(case):
+    x, t = case.data((4, K))
+    fn = lossjax.checked(lambda *a, **k: case.fn(*a, **case.kwargs, **k))
+    fx = jnp.asarray(x, jnp.float32)
+    ft = jnp.asarray(t, jnp.float32 if t.dtype.kind == "f" else None)
+    assert np.isfinite(fn(fx, ft))  # good values pass
+    name = case.fn.__name__
+    bad_x = fx.at[0, 1].set(jnp.nan)
+    with pytest.raises(AssertionError, match=f"lossjax.{name}: .* must"):
+        fn(bad_x, ft)
+    if case.integer:
+        with pytest.raises(AssertionError, match="labels must lie in"):
+            fn(fx, ft.at[2].set(K))
+        # An excluded entry may hold anything.
+        where = jnp.array([False, True, True, True])
+        assert np.isfinite(fn(bad_x, ft.at[0].set(K), where=where))
+        assert np.isfinite(fn(fx, ft.at[0].set(-100)))
+    else:
+        rule = "must lie in" if case.kind in ("unit", "soft") else "-1 or \\+1"
+        with pytest.raises(AssertionError, match=rule):
+            fn(fx, ft.at[1, 2].set(1.5))
+        where = jnp.ones(ft.shape, bool).at[0, 1].set(False)
+        assert np.isfinite(fn(bad_x, ft.at[0, 1].set(7.0), where=where))
+
+
+# --- chex variants: jit, no jit, pmap over the 8 fake devices ------------------------
+
+
+class VariantsTest(parameterized.TestCase):
+    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    def test_family_under_variants(self):
+        shape = (4, K)
+        for case in FIRST_CASES:
+            data = case.data(shape)
+            where, weights = _mask_and_weights(case, shape)
+            args = [jnp.asarray(d, jnp.float32 if d.dtype.kind == "f" else None)
+                    for d in data]
+            kw = {"where": jnp.asarray(where), "weights": jnp.asarray(weights,
+                                                                     jnp.float32)}
+
+            @self.variant
+            def f(*a):
+                return case.fn(*a, **case.kwargs, **kw)  # noqa: B023
+
+            expected = case.fn(*args, **case.kwargs, **kw)
+            np.testing.assert_allclose(f(*args), expected, rtol=1e-6,
+                                       err_msg=case.id)
+
+
+def test_pmap_shards_equal_single_device():
+    """A pmap over 8 devices with a pmean'd sum equals the single-device sum."""
+    n = jax.device_count()
+    assert n == 8
+    case = CASES[0]
+    x, labels = case.data((n, 3, K))
+    args = (jnp.asarray(x, jnp.float32), jnp.asarray(labels))
+
+    def shard_loss(x, y):
+        return jax.lax.psum(C.cross_entropy(x, y, reduction="sum"), "d")
+
+    got = jax.pmap(shard_loss, axis_name="d")(*args)
+    want = C.cross_entropy(*args, reduction="sum")
+    np.testing.assert_allclose(got, np.full(n, want), rtol=1e-5)
+
+
+# --- torch parity ---------------------------------------------------------------------
+
+
+def _t(a):
+    return torch.from_numpy(np.asarray(a))
+
+
+def _close(ours, theirs, rtol=1e-10):
+    np.testing.assert_allclose(np.asarray(ours), theirs.detach().numpy(), rtol=rtol,
+                               atol=1e-12)
+
+
+class TestTorchParity:
+    """Float64 torch on random inputs, several shapes and options, all reductions."""
+
+    @pytest.mark.parametrize("shape,axis", [((6, K), -1), ((3, K, 4), 1)])
+    @pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.2},
+                                      {"class_weights": True, "label_smoothing": 0.1}])
+    def test_cross_entropy_integer_labels(self, shape, axis, opts):
+        rng = np.random.default_rng(3)
+        x = rng.normal(0, 2, shape)
+        lshape = tuple(np.delete(shape, axis))
+        y = rng.integers(0, K, lshape)
+        y.reshape(-1)[[0, 5]] = -100
+        cw = CLASS_WEIGHTS if opts.get("class_weights") else None
+        ls = opts.get("label_smoothing", 0.0)
+        tx = _t(np.moveaxis(x, axis, 1))  # torch: classes on axis 1
+        with jax.enable_x64(True):
+            for r in REDUCTIONS:
+                ours = C.cross_entropy(jnp.asarray(x), jnp.asarray(y), axis=axis,
+                                       label_smoothing=ls, reduction=r,
+                                       class_weights=None if cw is None
+                                       else jnp.asarray(cw))
+                theirs = F.cross_entropy(tx, _t(y), weight=None if cw is None
+                                         else _t(cw), label_smoothing=ls,
+                                         reduction=r)
+                _close(ours, theirs)
+
+    @pytest.mark.parametrize("cw", [None, CLASS_WEIGHTS])
+    def test_cross_entropy_float_targets(self, cw):
+        rng = np.random.default_rng(4)
+        x = rng.normal(0, 2, (3, K, 4))
+        t = np.moveaxis(rng.dirichlet(np.ones(K), (3, 4)), -1, 1)
+        with jax.enable_x64(True):
+            for r in REDUCTIONS:
+                ours = C.cross_entropy(jnp.asarray(x), jnp.asarray(t), axis=1,
+                                       label_smoothing=0.1, reduction=r,
+                                       class_weights=None if cw is None
+                                       else jnp.asarray(cw))
+                theirs = F.cross_entropy(_t(x), _t(t), label_smoothing=0.1,
+                                         weight=None if cw is None else _t(cw),
+                                         reduction=r)
+                _close(ours, theirs)
+
+    @pytest.mark.parametrize("shape,axis", [((6, K), -1), ((3, K, 4), 1)])
+    @pytest.mark.parametrize("cw", [None, CLASS_WEIGHTS])
+    def test_nll_loss(self, shape, axis, cw):
+        rng = np.random.default_rng(5)
+        x = ref.log_softmax(rng.normal(0, 2, shape), axis=axis)
+        y = rng.integers(0, K, tuple(np.delete(shape, axis)))
+        y.reshape(-1)[[1, 2]] = -100
+        with jax.enable_x64(True):
+            for r in REDUCTIONS:
+                ours = C.nll_loss(jnp.asarray(x), jnp.asarray(y), axis=axis,
+                                  reduction=r, class_weights=None if cw is None
+                                  else jnp.asarray(cw))
+                theirs = F.nll_loss(_t(np.moveaxis(x, axis, 1)), _t(y),
+                                    weight=None if cw is None else _t(cw),
+                                    reduction=r)
+                _close(ours, theirs)
+
+    @pytest.mark.parametrize("shape", [(7,), (6, K), (2, 3, K)])
+    def test_binary_cross_entropy(self, shape):
+        rng = np.random.default_rng(6)
+        x, t = _make("unit", rng, shape)
+        pw = rng.uniform(0.5, 3.0, shape[-1:])
+        w = rng.uniform(0.5, 2.0, shape)
+        with jax.enable_x64(True):
+            for r in REDUCTIONS:
+                ours = C.binary_cross_entropy(jnp.asarray(x), jnp.asarray(t),
+                                              pos_weight=jnp.asarray(pw), reduction=r)
+                theirs = F.binary_cross_entropy_with_logits(_t(x), _t(t),
+                                                            pos_weight=_t(pw),
+                                                            reduction=r)
+                _close(ours, theirs)
+            # torch's `weight`: the same per-entry products; its "mean" divides by
+            # the entry count, ours (the contract) by the sum of weights.
+            ours = C.binary_cross_entropy(jnp.asarray(x), jnp.asarray(t),
+                                          weights=jnp.asarray(w), reduction="sum")
+            _close(ours, F.binary_cross_entropy_with_logits(
+                _t(x), _t(t), weight=_t(w), reduction="sum"))
+            ours = C.binary_cross_entropy(jnp.asarray(x), jnp.asarray(t),
+                                          weights=jnp.asarray(w))
+            _close(ours, F.binary_cross_entropy_with_logits(
+                _t(x), _t(t), weight=_t(w), reduction="sum") / w.sum())
+
+    @pytest.mark.parametrize("alpha,gamma", [(None, 2.0), (0.25, 2.0), (0.6, 0.5),
+                                             (None, 0.0)])
+    def test_sigmoid_focal_loss_torchvision(self, alpha, gamma):
+        """Against torchvision.ops.sigmoid_focal_loss's body, run in float64 torch."""
+        rng = np.random.default_rng(7)
+        x, t = _make("unit", rng, (6, K))
+        tx, tt = _t(x), _t(t)
+        # torchvision/ops/focal_loss.py (torchvision is not installed here).
+        p = torch.sigmoid(tx)
+        ce = F.binary_cross_entropy_with_logits(tx, tt, reduction="none")
+        p_t = p * tt + (1 - p) * (1 - tt)
+        loss = ce * ((1 - p_t) ** gamma)
+        if alpha is not None:  # torchvision: `if alpha >= 0`
+            loss = (alpha * tt + (1 - alpha) * (1 - tt)) * loss
+        with jax.enable_x64(True):
+            for r in REDUCTIONS:
+                ours = C.sigmoid_focal_loss(jnp.asarray(x), jnp.asarray(t),
+                                            alpha=alpha, gamma=gamma, reduction=r)
+                _close(ours, {"none": loss, "sum": loss.sum(),
+                              "mean": loss.mean()}[r])
+
+    @pytest.mark.parametrize("p,margin,cw", [(1, 1.0, None), (2, 0.7, None),
+                                             (1, 1.3, CLASS_WEIGHTS),
+                                             (2, 1.0, CLASS_WEIGHTS)])
+    def test_multiclass_hinge_loss(self, p, margin, cw):
+        rng = np.random.default_rng(8)
+        x = rng.normal(0, 1, (8, K))
+        y = rng.integers(0, K, 8)
+        with jax.enable_x64(True):
+            for r in REDUCTIONS:
+                ours = C.multiclass_hinge_loss(
+                    jnp.asarray(x), jnp.asarray(y), p=p, margin=margin, reduction=r,
+                    class_weights=None if cw is None else jnp.asarray(cw))
+                theirs = F.multi_margin_loss(_t(x), _t(y), p=p, margin=margin,
+                                             weight=None if cw is None else _t(cw),
+                                             reduction=r)
+                _close(ours, theirs)
+
+    @pytest.mark.parametrize("shape", [(7,), (3, K)])
+    def test_soft_margin_loss(self, shape):
+        rng = np.random.default_rng(9)
+        s, t = _make("sign", rng, shape)
+        with jax.enable_x64(True):
+            for r in REDUCTIONS:
+                _close(C.soft_margin_loss(jnp.asarray(s), jnp.asarray(t), reduction=r),
+                       F.soft_margin_loss(_t(s), _t(t), reduction=r))
+
+
+# --- sibling identities ---------------------------------------------------------------
+
+
+class TestIdentities:
+    def setup_method(self):
+        rng = np.random.default_rng(10)
+        self.x = jnp.asarray(rng.normal(0, 3, (6, K)), jnp.float32)
+        self.y = jnp.asarray(rng.integers(0, K, 6))
+        self.t = jnp.asarray(_make("unit", rng, (6, K))[1], jnp.float32)
+        self.s = jnp.asarray(rng.choice([-1.0, 1.0], (6, K)), jnp.float32)
+        self.cw = jnp.asarray(CLASS_WEIGHTS, jnp.float32)
+
+    def test_focal_gamma0_is_cross_entropy(self):
+        for kw in ({}, {"class_weights": self.cw}):
+            for r in REDUCTIONS:
+                np.testing.assert_array_equal(
+                    C.focal_loss(self.x, self.y, gamma=0.0, reduction=r, **kw),
+                    C.cross_entropy(self.x, self.y, reduction=r, **kw))
+
+    def test_poly1_epsilon0_is_cross_entropy(self):
+        np.testing.assert_allclose(
+            C.poly1_cross_entropy(self.x, self.y, epsilon=0.0, reduction="none"),
+            C.cross_entropy(self.x, self.y, reduction="none"), rtol=1e-6)
+
+    def test_smoothing0_is_plain_cross_entropy(self):
+        np.testing.assert_array_equal(
+            C.cross_entropy(self.x, self.y, label_smoothing=0.0),
+            C.cross_entropy(self.x, self.y))
+        np.testing.assert_array_equal(
+            C.binary_cross_entropy(self.x, self.t, label_smoothing=0.0),
+            C.binary_cross_entropy(self.x, self.t))
+
+    def test_one_hot_float_targets_equal_integer_labels(self):
+        onehot = jax.nn.one_hot(self.y, K)
+        for kw in ({}, {"label_smoothing": 0.3}):
+            np.testing.assert_allclose(
+                C.cross_entropy(self.x, onehot, reduction="none", **kw),
+                C.cross_entropy(self.x, self.y, reduction="none", **kw), rtol=1e-6)
+
+    def test_nll_of_log_softmax_is_cross_entropy(self):
+        for kw in ({}, {"class_weights": self.cw}):
+            np.testing.assert_allclose(
+                C.nll_loss(jax.nn.log_softmax(self.x), self.y, **kw),
+                C.cross_entropy(self.x, self.y, **kw), rtol=1e-6)
+
+    def test_sigmoid_focal_gamma0_is_bce(self):
+        np.testing.assert_allclose(
+            C.sigmoid_focal_loss(self.x, self.t, gamma=0.0, reduction="none"),
+            C.binary_cross_entropy(self.x, self.t, reduction="none"), rtol=1e-6)
+
+    def test_soft_margin_is_bce_of_mapped_targets(self):
+        np.testing.assert_allclose(
+            C.soft_margin_loss(self.x, self.s, reduction="none"),
+            C.binary_cross_entropy(self.x, (self.s + 1) / 2, reduction="none"),
+            rtol=1e-6)
+
+    def test_squared_hinge_is_hinge_squared(self):
+        np.testing.assert_array_equal(
+            C.squared_hinge_loss(self.x, self.s, margin=0.5),
+            C.hinge_loss(self.x, self.s, margin=0.5, squared=True))
+        np.testing.assert_allclose(
+            C.squared_hinge_loss(self.x, self.s, reduction="none"),
+            C.hinge_loss(self.x, self.s, reduction="none") ** 2, rtol=1e-6)
+
+    @pytest.mark.parametrize("fn", [C.cross_entropy, C.focal_loss, C.nll_loss,
+                                    C.poly1_cross_entropy, C.multiclass_hinge_loss])
+    def test_axis_equals_moving_axis_last(self, fn):
+        rng = np.random.default_rng(11)
+        x = jnp.asarray(rng.normal(0, 2, (3, K, 4)), jnp.float32)
+        y = jnp.asarray(rng.integers(0, K, (3, 4)))
+        np.testing.assert_allclose(
+            fn(x, y, axis=1, reduction="none"),
+            fn(jnp.moveaxis(x, 1, -1), y, reduction="none"), rtol=1e-6)
+        np.testing.assert_allclose(
+            fn(x, y, axis=-2, reduction="none"),
+            fn(jnp.moveaxis(x, 1, -1), y, reduction="none"), rtol=1e-6)
+
+    def test_ignore_index_equals_where(self):
+        y = self.y.at[2].set(-100)
+        where = jnp.arange(6) != 2
+        for fn in (C.cross_entropy, C.focal_loss, C.multiclass_hinge_loss):
+            np.testing.assert_array_equal(fn(self.x, y), fn(self.x, self.y, where=where))
+
+
+# --- what is specific to one loss -------------------------------------------------------
+
+
+class TestSigmoidFocal:
+    @pytest.mark.parametrize("gamma", [0.25, 0.5, 1.0, 2.0])
+    def test_finite_grads_and_hessians_at_extreme_logits(self, gamma):
+        x = jnp.array([1e4, -1e4, 1e4, -1e4, 1e4, -1e4, 30.0, -30.0])
+        t = jnp.array([1.0, 1.0, 0.0, 0.0, 0.5, 0.3, 1.0, 0.0])
+        f = lambda x: C.sigmoid_focal_loss(x, t, gamma=gamma, alpha=0.25,
+                                           reduction="sum")
+        assert np.isfinite(f(x))
+        assert np.all(np.isfinite(jax.grad(f)(x)))
+        assert np.all(np.isfinite(jax.hessian(f)(x)))
+
+    @pytest.mark.parametrize("gamma", [0.5, 2.0])
+    def test_second_order_grads(self, gamma):
+        rng = np.random.default_rng(12)
+        with jax.enable_x64(True):
+            x = jnp.asarray(rng.normal(0, 2, 6))
+            hard = jnp.asarray([0.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+            soft = jnp.asarray(rng.uniform(0.1, 0.9, 6))
+            # Logits with hard targets (finite differences in t would leave [0, 1]).
+            check_grads(lambda x: C.sigmoid_focal_loss(x, hard, gamma=gamma), (x,),
+                        order=2)
+            check_grads(lambda x, t: C.sigmoid_focal_loss(x, t, gamma=gamma,
+                                                          alpha=0.3),
+                        (x, soft), order=2)
+
+    def test_exact_target_gradient_at_hard_targets(self):
+        """d/dt at t in {0, 1} from the closed form (finite differences cannot reach)."""
+        with jax.enable_x64(True):
+            x = jnp.array([-2.0, -0.3, 0.4, 1.7])
+            t = jnp.array([0.0, 1.0, 0.0, 1.0])
+            for gamma in (0.5, 2.0):
+                got = jax.grad(lambda t: C.sigmoid_focal_loss(x, t, gamma=gamma,
+                                                              reduction="sum"))(t)
+                p = jax.nn.sigmoid(x)
+                q = t * (1 - p) + (1 - t) * p  # 1 - p_t
+                ce = -(t * jnp.log(p) + (1 - t) * jnp.log1p(-p))
+                dce = -(jnp.log(p) - jnp.log1p(-p))
+                want = gamma * q ** (gamma - 1) * ((1 - p) - p) * ce + q**gamma * dce
+                np.testing.assert_allclose(got, want, rtol=1e-10)
+
+    def test_traced_gamma(self):
+        x = jnp.array([0.5, -1.0]); t = jnp.array([1.0, 0.0])
+        f = jax.jit(lambda g: C.sigmoid_focal_loss(x, t, gamma=g))
+        np.testing.assert_allclose(f(2.0), C.sigmoid_focal_loss(x, t, gamma=2.0),
+                                   rtol=1e-6)
+        with jax.enable_x64(True):
+            check_grads(lambda g: C.sigmoid_focal_loss(x.astype(jnp.float64), t, gamma=g),
+                        (jnp.float64(1.5),), order=1)
+
+
+class TestSoftmaxFocal:
+    @pytest.mark.parametrize("gamma", [0.25, 0.5, 2.0])
+    def test_finite_grads_and_hessians_at_extreme_logits(self, gamma):
+        x = jnp.array([[1e4, 0.0, -1e4], [-1e4, 1e4, 0.0], [0.0, 0.0, 1e4],
+                       [30.0, 0.0, 0.0]])
+        y = jnp.array([0, 0, 2, 0])
+        f = lambda x: C.focal_loss(x, y, gamma=gamma, reduction="sum")
+        assert np.isfinite(f(x))
+        assert np.all(np.isfinite(jax.grad(f)(x)))
+        assert np.all(np.isfinite(jax.hessian(f)(x)))
+
+    def test_second_order_grads(self):
+        rng = np.random.default_rng(13)
+        with jax.enable_x64(True):
+            x = jnp.asarray(rng.normal(0, 2, (3, 4)))
+            y = jnp.asarray([0, 3, 1])
+            check_grads(lambda x: C.focal_loss(x, y, gamma=0.5), (x,), order=2)
+
+    def test_single_class(self):
+        x = jnp.array([[3.0], [-2.0]])
+        y = jnp.array([0, 0])
+        np.testing.assert_array_equal(C.focal_loss(x, y, reduction="none"), 0.0)
+        np.testing.assert_array_equal(jax.grad(lambda x: C.focal_loss(x, y))(x), 0.0)
+
+
+class TestCrossEntropyExtensions:
+    def test_z_loss_and_softcap(self):
+        rng = np.random.default_rng(14)
+        x = rng.normal(0, 5, (6, K))
+        y = rng.integers(0, K, 6)
+        capped = 4.0 * np.tanh(x / 4.0)
+        lse = np.log(np.exp(capped).sum(-1))
+        want = ref.cross_entropy(capped, y) + 1e-2 * lse**2
+        with jax.enable_x64(True):
+            got = C.cross_entropy(jnp.asarray(x), jnp.asarray(y), z_loss=1e-2,
+                                  logit_softcap=4.0, reduction="none")
+        np.testing.assert_allclose(got, want, rtol=1e-10)
