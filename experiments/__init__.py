@@ -1,0 +1,1 @@
+"""The lossjax experiment harness: trainer, models, data, study and reports."""

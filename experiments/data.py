@@ -1,0 +1,200 @@
+"""Data sets that ship inside installed packages: nothing is downloaded at run time.
+
+- `digits`: scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes).
+- `stdlib_docs`: English docstrings of CPython standard-library packages, labelled by the
+  package they come from (read with `ast` from the interpreter's own `Lib/`, never
+  imported, so the text is exactly what ships with the Python that runs the code).
+- `diabetes`: scikit-learn's diabetes regression data (442 patients, 10 features).
+
+Each loader returns a `Dataset` of NumPy arrays with explicit dtypes (float32 inputs,
+int32 labels, float32 targets), so switching `jax_enable_x64` on changes nothing.
+Train/test splits use a fixed permutation (seed 0), independent of the training seed:
+every run of a study sees the same test set.
+
+Batches are a pure function of `(seed, step)` (`batch_indices`), never of an
+iterator's state: a run resumed from a checkpoint at step s draws exactly the batches
+an uninterrupted run draws from step s on.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import pathlib
+import re
+import sysconfig
+import zlib
+
+import numpy as np
+
+# The split never depends on the training seed, so seeds vary only the model's
+# initialisation and the batch order.
+_SPLIT_SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A train/test split held as NumPy arrays.
+
+    Attributes:
+      name: the data set's name.
+      x_train, x_test: inputs, float32 (images, features) or int32 (token ids).
+      y_train, y_test: int32 class ids `[n]` or float32 regression targets `[n]`.
+      num_classes: number of classes, or 0 for regression.
+      target_scale: (mean, std) used to standardize regression targets; metrics are
+        reported in the original units by undoing it. (0, 1) for classification.
+      class_names: the label names, for reports.
+      description: one line for reports.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    target_scale: tuple[float, float] = (0.0, 1.0)
+    class_names: tuple[str, ...] = ()
+    description: str = ""
+
+    @property
+    def num_train(self) -> int:
+        return len(self.x_train)
+
+    @property
+    def num_test(self) -> int:
+        return len(self.x_test)
+
+
+def _split(n: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(_SPLIT_SEED).permutation(n)
+    num_test = int(round(n * test_fraction))
+    return np.sort(perm[num_test:]), np.sort(perm[:num_test])
+
+
+@functools.lru_cache(maxsize=None)
+def digits(test_fraction: float = 0.2) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    # Pixel values are 0..16; scale to [0, 1] and add the channel axis flax wants.
+    x = (bunch.images / 16.0).astype(np.float32)[..., None]
+    y = bunch.target.astype(np.int32)
+    train, test = _split(len(x), test_fraction)
+    return Dataset(
+        name="digits", x_train=x[train], y_train=y[train], x_test=x[test],
+        y_test=y[test], num_classes=10,
+        class_names=tuple(str(i) for i in range(10)),
+        description="scikit-learn handwritten digits, 8x8 grey images, 10 classes",
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def diabetes(test_fraction: float = 0.2) -> Dataset:
+    from sklearn.datasets import load_diabetes
+
+    bunch = load_diabetes()
+    x = bunch.data.astype(np.float32)
+    y = bunch.target.astype(np.float64)
+    train, test = _split(len(x), test_fraction)
+    # Standardize the target with training statistics only; metrics undo it.
+    mean, std = float(y[train].mean()), float(y[train].std())
+    y = ((y - mean) / std).astype(np.float32)
+    # The features ship mean-centred and scaled by sqrt(n) * std; rescale to unit
+    # variance (training statistics) so a default-initialised MLP sees O(1) inputs.
+    x_mean, x_std = x[train].mean(0), x[train].std(0)
+    x = ((x - x_mean) / x_std).astype(np.float32)
+    return Dataset(
+        name="diabetes", x_train=x[train], y_train=y[train], x_test=x[test],
+        y_test=y[test], num_classes=0, target_scale=(mean, std),
+        description="scikit-learn diabetes progression, 10 features, 442 patients",
+    )
+
+
+# --- text ---------------------------------------------------------------------------
+
+# Standard-library packages present in every CPython build (no tkinter / idlelib, which
+# distributions split off; no distutils / lib2to3, removed in 3.12).
+STDLIB_PACKAGES = ("asyncio", "email", "http", "importlib", "logging",
+                   "multiprocessing", "unittest", "xml")
+_MIN_DOC_CHARS = 40
+_WORD = re.compile(r"[a-z]+")
+
+
+def _stdlib_docstrings(packages) -> list[tuple[str, int]]:
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for label, package in enumerate(packages):
+        for path in sorted((root / package).rglob("*.py")):
+            if "test" in path.relative_to(root / package).parts[:-1]:
+                continue  # Test suites are code, not prose.
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                     ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc and len(doc) >= _MIN_DOC_CHARS:
+                        docs.append((doc, label))
+    return docs
+
+
+def _hash_tokens(text: str, num_buckets: int, max_len: int) -> np.ndarray:
+    """Hashed word unigrams and bigrams; 0 is padding, ids are 1..num_buckets-1."""
+    words = _WORD.findall(text.lower())
+    grams = words + [a + " " + b for a, b in zip(words, words[1:])]
+    # crc32, not hash(): Python's str hash is salted per process.
+    ids = [1 + zlib.crc32(g.encode()) % (num_buckets - 1) for g in grams[:max_len]]
+    out = np.zeros(max_len, np.int32)
+    out[: len(ids)] = ids
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def stdlib_docs(num_buckets: int = 8192, max_len: int = 128,
+                test_fraction: float = 0.2,
+                packages: tuple[str, ...] = STDLIB_PACKAGES) -> Dataset:
+    docs = _stdlib_docstrings(packages)
+    if not docs:
+        raise RuntimeError(
+            f"no docstrings found under {sysconfig.get_paths()['stdlib']!r}; the "
+            "text task needs CPython's standard library sources (Lib/*.py).")
+    x = np.stack([_hash_tokens(d, num_buckets, max_len) for d, _ in docs])
+    y = np.array([label for _, label in docs], np.int32)
+    train, test = _split(len(x), test_fraction)
+    return Dataset(
+        name="stdlib_docs", x_train=x[train], y_train=y[train], x_test=x[test],
+        y_test=y[test], num_classes=len(packages), class_names=tuple(packages),
+        description=(f"CPython standard-library docstrings labelled by package "
+                     f"({len(packages)} classes, hashed word uni+bigrams)"),
+    )
+
+
+def load(name: str, **kwargs) -> Dataset:
+    """The data set called `name` ("digits", "stdlib_docs", "diabetes")."""
+    loaders = {"digits": digits, "stdlib_docs": stdlib_docs, "diabetes": diabetes}
+    if name not in loaders:
+        raise ValueError(f"unknown data set {name!r}; valid: {', '.join(loaders)}")
+    return loaders[name](**kwargs)
+
+
+# --- batches ------------------------------------------------------------------------
+
+
+def batch_indices(seed: int, step: int, num_examples: int,
+                  batch_size: int) -> np.ndarray:
+    """The example ids of training step `step`: a pure function of (seed, step).
+
+    Epochs are fresh permutations of the training set (seeded by (seed, epoch)); the
+    remainder of an epoch that does not fill a batch is dropped.
+    """
+    if batch_size > num_examples:
+        raise ValueError(
+            f"batch_size={batch_size} exceeds the {num_examples} training examples.")
+    steps_per_epoch = num_examples // batch_size
+    epoch, i = divmod(int(step), steps_per_epoch)
+    perm = np.random.default_rng([int(seed), epoch]).permutation(num_examples)
+    return perm[i * batch_size:(i + 1) * batch_size]

@@ -1,0 +1,57 @@
+"""Trains one experiment: flags only.
+
+    python -m experiments.main --config=configs/digits.py:loss=focal_loss \
+        --workdir=runs/digits_focal [--config.optimizer.learning_rate=3e-3]
+
+Re-running the same command resumes from the workdir's last checkpoint. With
+LOSSJAX_DISTRIBUTED=1 (set by `./launch.sh tpu`) each process first calls
+`jax.distributed.initialize()`; JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+JAX_PROCESS_ID, when set, are passed to it (for clusters JAX cannot detect itself).
+Exits with 143 when SIGTERM stopped the run after its checkpoint was saved.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "experiment config file",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "directory for checkpoints and metrics")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def initialize_distributed() -> None:
+    import jax
+
+    if os.environ.get("LOSSJAX_DISTRIBUTED") != "1":
+        return
+    kwargs = {}
+    if "JAX_NUM_PROCESSES" in os.environ:
+        kwargs["coordinator_address"] = os.environ["JAX_COORDINATOR_ADDRESS"]
+        kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+        kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
+
+
+def main(argv):
+    del argv
+    # orbax logs every save at INFO through absl; keep the terminal to our own lines.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("experiments").setLevel(logging.INFO)
+    initialize_distributed()
+    from experiments import train
+
+    summary = train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    logging.getLogger("experiments").info("done: %s", summary)
+    if summary["preempted"]:
+        sys.exit(143)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,363 @@
+"""Tests of the experiment harness: trainer, configs, checkpoints, parallel paths.
+
+Runs on the 8 fake CPU devices of conftest.py; subprocess tests pin the same device
+count so in-process and subprocess runs compile the same programs.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import math
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import lossjax
+from experiments import data as data_lib
+from experiments import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def smoke_config(module="digits", arg="smoke", **overrides):
+    config = importlib.import_module(f"configs.{module}").get_config(arg)
+    with config.unlocked():
+        config.progress_bar = False
+        for key, value in overrides.items():
+            target = config
+            *path, last = key.split(".")
+            for part in path:
+                target = target[part]
+            target[last] = value
+    return config
+
+
+def read_metrics(workdir, key="train/loss"):
+    lines = [json.loads(x) for x in (pathlib.Path(workdir) / "metrics.jsonl")
+             .read_text().splitlines()]
+    return [(m["step"], m[key]) for m in lines if key in m]
+
+
+def final_state(workdir):
+    """The newest checkpoint of a workdir as NumPy arrays."""
+    with ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints",
+                               item_handlers=ocp.StandardCheckpointHandler(),
+                               options=ocp.CheckpointManagerOptions(
+                                   read_only=True)) as manager:
+        step = manager.latest_step()
+        restored = train.restore_placed(
+            manager, step, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    return step, jax.tree.map(np.asarray, restored)
+
+
+def subprocess_env(num_devices=8, **extra):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(num_devices),
+               PYTHONPATH=str(ROOT))
+    env.update(extra)
+    return env
+
+
+def main_command(workdir, arg="smoke", module="digits", *flags):
+    return [sys.executable, "-m", "experiments.main",
+            f"--config=configs/{module}.py:{arg}", f"--workdir={workdir}",
+            "--config.progress_bar=False", *flags]
+
+
+# --- configs and data ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module", ["digits", "text", "regression"])
+def test_smoke_run_loss_falls(module, tmp_path):
+    summary = train.train_and_evaluate(smoke_config(module), str(tmp_path))
+    losses = [v for _, v in read_metrics(tmp_path)]
+    assert summary["step"] == 40 and len(losses) == 8
+    assert np.all(np.isfinite(losses))
+    assert np.mean(losses[-2:]) < 0.8 * losses[0], losses
+    metric = "test/accuracy" if module != "regression" else "test/rmse"
+    assert np.isfinite(summary[metric])
+    assert (tmp_path / "checkpoints" / "40").is_dir()
+
+
+def test_data_is_explicitly_typed_and_batches_depend_on_seed_and_step():
+    with jax.enable_x64(True):
+        for ds in (data_lib.digits(), data_lib.diabetes(), data_lib.stdlib_docs()):
+            assert ds.x_train.dtype in (np.float32, np.int32)
+            assert ds.y_train.dtype == (np.int32 if ds.num_classes else np.float32)
+            assert ds.num_test > 50 and ds.num_train > 3 * ds.num_test
+    a = data_lib.batch_indices(0, 7, 100, 16)
+    np.testing.assert_array_equal(a, data_lib.batch_indices(0, 7, 100, 16))
+    assert not np.array_equal(a, data_lib.batch_indices(1, 7, 100, 16))
+    # One epoch (6 full batches of 16 from 100) has no repeats.
+    epoch = np.concatenate([data_lib.batch_indices(0, s, 100, 16) for s in range(6)])
+    assert len(np.unique(epoch)) == 96
+    assert len(set(data_lib.stdlib_docs().class_names)) == 8
+
+
+def test_config_args_and_docstrings():
+    from configs import digits, regression, text
+
+    for module in (digits, text, regression):
+        assert "experiments.main" in module.__doc__ and ":smoke" in module.__doc__
+        c = module.get_config("smoke")
+        train.validate_config(c)
+        for label in module.LOSSES:
+            assert module.get_config(f"loss={label},smoke").loss.name == \
+                module.LOSSES[label]["name"]
+    c = digits.get_config("loss=label_smoothing")
+    assert c.loss.kwargs.label_smoothing == 0.1 and c.num_train_steps > 40
+    with pytest.raises(ValueError, match="unknown config argument 'los'"):
+        digits.get_config("los=focal_loss")
+
+
+def test_bad_config_values_raise_clearly(tmp_path):
+    config = smoke_config(**{"loss.name": "cross_entropyy"})
+    with pytest.raises(KeyError, match="unknown loss 'cross_entropyy'; valid names"):
+        train.train_and_evaluate(config, str(tmp_path))
+    config = smoke_config()
+    with config.unlocked():
+        config.optimizer.learnig_rate = 1.0
+    with pytest.raises(ValueError, match="'optimizer.learnig_rate'; did you mean "
+                                         "'optimizer.learning_rate'"):
+        train.train_and_evaluate(config, str(tmp_path))
+    with pytest.raises(ValueError, match="cross_entropy has no keyword 'gama'"):
+        train.validate_config(smoke_config(**{"loss.kwargs": {"gama": 2.0}}))
+    with pytest.raises(ValueError, match="config.parallel='pjit' is not one of"):
+        train.validate_config(smoke_config(parallel="pjit"))
+    # Configs are locked: a typo in a field name fails where it is written.
+    with pytest.raises(AttributeError, match="learnig_rate"):
+        importlib.import_module("configs.digits").get_config(
+            "smoke").optimizer.learnig_rate = 1.0
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# --- the step -----------------------------------------------------------------------
+
+
+def test_known_answer_constant_logits_give_log_num_classes(tmp_path):
+    config = smoke_config(num_train_steps=1, log_every_steps=1, eval_every_steps=1,
+                          checkpoint_every_steps=1, **{"model.name": "constant",
+                                                       "model.kwargs": {}})
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    [(step, loss)] = read_metrics(tmp_path)
+    assert step == 1
+    # Each entry is log(10) in float32; the batch mean of 64 equal entries may round
+    # by an ulp or two (float32 ulp at 2.3 is 2.4e-7), nothing more.
+    np.testing.assert_allclose(loss, math.log(10), rtol=5e-7, atol=0)
+    # The test loss is taken after one update, so it is no longer exactly log(10).
+    assert abs(summary["test/loss"] - math.log(10)) < 0.05
+
+
+def test_step_compiles_once(tmp_path):
+    before = train.TRACE_COUNT["train_step"]
+    train.train_and_evaluate(smoke_config(num_train_steps=12), str(tmp_path))
+    assert train.TRACE_COUNT["train_step"] - before == 1
+
+
+def test_jit_and_pmap_give_the_same_losses_step_by_step(tmp_path):
+    curves, params = {}, {}
+    for parallel in ("jit", "pmap"):
+        workdir = tmp_path / parallel
+        train.train_and_evaluate(
+            smoke_config(parallel=parallel, num_train_steps=12, log_every_steps=1),
+            str(workdir))
+        curves[parallel] = read_metrics(workdir)
+        params[parallel] = final_state(workdir)[1]["params"]
+    assert [s for s, _ in curves["jit"]] == list(range(1, 13))
+    # Same math, different summation order across devices: agree to float32 rounding.
+    np.testing.assert_allclose([v for _, v in curves["pmap"]],
+                               [v for _, v in curves["jit"]], rtol=2e-6)
+    chex.assert_trees_all_close(params["pmap"], params["jit"], rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_computes_in_bf16_with_f32_params_and_loss(tmp_path):
+    config = smoke_config(dtype="bfloat16")
+    dataset = data_lib.digits()
+    task = train.build_task(config, dataset)
+    state = train.init_state(task, 0, dataset.x_train[:4])
+    assert {x.dtype for x in jax.tree.leaves(state["params"])} == {np.dtype("float32")}
+    outputs = task.model.apply({"params": state["params"]}, dataset.x_train[:4])
+    assert outputs.dtype == jnp.bfloat16
+    assert train.apply_loss(task, outputs, dataset.y_train[:4]).dtype == jnp.float32
+    train.train_and_evaluate(config, str(tmp_path))
+    losses = [v for _, v in read_metrics(tmp_path)]
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_checked_mode_reports_bad_labels(tmp_path):
+    dataset = data_lib.digits()
+    task = train.build_task(smoke_config(), dataset)
+    mesh = train.make_mesh()
+    batch = {"x": dataset.x_train[:16], "y": dataset.y_train[:16].copy()}
+    batch["y"][3] = 12  # out of range for 10 classes
+    state = lambda: train.init_state(task, 0, dataset.x_train[:1])
+    checked = train.make_train_step(task, mesh, checks=True)
+    with pytest.raises(AssertionError, match=r"cross_entropy: labels must lie in "
+                                             r"\[0, 10\)"):
+        checked.fn(state(), checked.put_batch(batch))
+    # Unchecked, the same batch gives a NaN loss (never a clamped label) ...
+    plain = train.make_train_step(task, mesh)
+    _, metrics = plain.fn(state(), plain.put_batch(batch))
+    assert np.isnan(metrics["loss"])
+    # ... which the trainer stops on, naming the step; checked mode runs clean data.
+    summary = train.train_and_evaluate(smoke_config(checks=True, num_train_steps=10),
+                                       str(tmp_path))
+    assert summary["step"] == 10
+
+
+def test_non_finite_loss_stops_the_run_and_saves_nothing_broken(tmp_path):
+    config = smoke_config(num_train_steps=40, checkpoint_every_steps=2,
+                          log_every_steps=10, **{"optimizer.learning_rate": 1e30,
+                                                 "optimizer.schedule": "constant"})
+    with pytest.raises(FloatingPointError, match=r"at step (\d+)") as err:
+        train.train_and_evaluate(config, str(tmp_path))
+    bad_step = int(err.value.args[0].split("at step ")[1].split()[0])
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                   if p.name.isdigit())
+    assert all(s < bad_step for s in saved)
+    if saved:
+        state = final_state(tmp_path)[1]
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+    if (tmp_path / "metrics.jsonl").exists():
+        assert all(s < bad_step for s, _ in read_metrics(tmp_path))
+
+
+# --- checkpoints --------------------------------------------------------------------
+
+
+def test_corrupt_latest_checkpoint_is_skipped(tmp_path):
+    config = smoke_config(num_train_steps=40, checkpoint_every_steps=20)
+    train.train_and_evaluate(config, str(tmp_path / "a"))
+    _, reference = final_state(tmp_path / "a")
+    # Damage every file of the latest checkpoint.
+    for f in (tmp_path / "a" / "checkpoints" / "40").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\x00garbage")
+    with pytest.warns(RuntimeWarning, match="step 40 .* could not be restored"):
+        summary = train.train_and_evaluate(config, str(tmp_path / "a"))
+    assert summary["step"] == 40
+    step, state = final_state(tmp_path / "a")
+    assert step == 40
+    # Retrained from step 20: bitwise the parameters of the uninterrupted run.
+    chex.assert_trees_all_equal(state["params"], reference["params"])
+    assert list((tmp_path / "a" / "checkpoints_corrupt").iterdir())
+
+
+def test_init_from_starts_a_fresh_run_from_other_parameters(tmp_path):
+    train.train_and_evaluate(smoke_config(num_train_steps=20), str(tmp_path / "a"))
+    config = smoke_config(num_train_steps=1, log_every_steps=1,
+                          init_from=str(tmp_path / "a"),
+                          **{"optimizer.learning_rate": 0.0})
+    train.train_and_evaluate(config, str(tmp_path / "b"))
+    [(_, loss)] = read_metrics(tmp_path / "b")
+    # A trained network, not a fresh one (log 10 = 2.30).
+    assert loss < 2.0
+    chex.assert_trees_all_equal(final_state(tmp_path / "b")[1]["params"],
+                                final_state(tmp_path / "a")[1]["params"])
+
+
+def _wait_for(predicate, proc, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_sigkill_then_resume_gives_bitwise_the_same_parameters(tmp_path):
+    steps = 300
+    flags = [f"--config.num_train_steps={steps}", "--config.checkpoint_every_steps=25",
+             "--config.log_every_steps=25", "--config.eval_every_steps=1000"]
+    reference = tmp_path / "reference"
+    train.train_and_evaluate(
+        smoke_config(num_train_steps=steps, checkpoint_every_steps=25,
+                     log_every_steps=25, eval_every_steps=1000), str(reference))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(main_command(killed, "smoke", "digits", *flags), cwd=ROOT,
+                            env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    # Kill at a random moment after training has started (seeded, so reproducible).
+    _wait_for(lambda: (killed / "metrics.jsonl").exists(), proc)
+    time.sleep(np.random.default_rng(0).uniform(0.0, 0.5))
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "checkpoints" / str(steps)).exists(), "killed too late"
+    resumed = subprocess.run(main_command(killed, "smoke", "digits", *flags), cwd=ROOT,
+                             env=subprocess_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    chex.assert_trees_all_equal(final_state(killed), final_state(reference))
+    # The resumed log has each step once, and the same losses.
+    assert read_metrics(killed) == read_metrics(reference)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+    flags = ["--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000",
+             "--config.log_every_steps=10", "--config.eval_every_steps=100000"]
+    proc = subprocess.Popen(main_command(tmp_path, "smoke", "digits", *flags),
+                            cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (tmp_path / "metrics.jsonl").exists(), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    step, state = final_state(tmp_path)
+    assert 10 <= step < 100000
+    assert int(state["step"]) == step
+
+
+# --- multi-process ------------------------------------------------------------------
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    flags = ["--config.num_train_steps=10", "--config.log_every_steps=1",
+             "--config.checkpoint_every_steps=5"]
+    port = _free_port()
+    procs = [subprocess.Popen(
+        main_command(tmp_path / "multi", "smoke", "digits", *flags), cwd=ROOT,
+        env=subprocess_env(4, LOSSJAX_DISTRIBUTED="1",
+                           JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                           JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    for p in procs:
+        _, stderr = p.communicate(timeout=240)
+        assert p.returncode == 0, stderr[-3000:]
+    train.train_and_evaluate(
+        smoke_config(num_train_steps=10, log_every_steps=1, checkpoint_every_steps=5),
+        str(tmp_path / "single"))
+    multi, single = read_metrics(tmp_path / "multi"), read_metrics(tmp_path / "single")
+    assert [s for s, _ in multi] == list(range(1, 11))
+    np.testing.assert_allclose([v for _, v in multi], [v for _, v in single],
+                               rtol=2e-6)
+    chex.assert_trees_all_close(final_state(tmp_path / "multi")[1]["params"],
+                                final_state(tmp_path / "single")[1]["params"],
+                                rtol=1e-4, atol=1e-5)
+
+
+def test_configs_name_registered_losses():
+    """The study's losses must exist in the registry (a rename would break it)."""
+    from configs import digits, regression, text
+
+    for module in (digits, text, regression):
+        for spec in module.LOSSES.values():
+            assert spec["name"] in lossjax.LOSSES, spec["name"]
