@@ -286,7 +286,7 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
 
 
 def init_state(task: Task, seed: int, sample_x: np.ndarray) -> dict:
-    init_key, state_key = jax.random.split(jax.random.key(seed))
+    init_key, state_key = jax.random.split(jax.random.key(seed))  # seed: int or int32
     params = task.model.init(init_key, jnp.asarray(sample_x))["params"]
     return {"params": params, "opt_state": task.tx.init(params),
             "step": jnp.zeros((), jnp.int32),
@@ -446,7 +446,9 @@ class _Preemption:
 # --- the entry point ----------------------------------------------------------------
 
 
-def build_task(config: mlc.ConfigDict, dataset: data_lib.Dataset, flat=None) -> Task:
+def build_task(config: mlc.ConfigDict | None, dataset: data_lib.Dataset,
+               flat=None) -> Task:
+    """Model, optimizer and loss of `config` (or of its validated fields `flat`)."""
     flat = validate_config(config) if flat is None else flat
     if flat["loss.target"] == "mean_variance":
         num_outputs = 2
@@ -462,6 +464,57 @@ def build_task(config: mlc.ConfigDict, dataset: data_lib.Dataset, flat=None) -> 
     return Task(model=model, tx=make_optimizer(opt, flat["num_train_steps"]),
                 loss_fn=loss_fn, loss_target=flat["loss.target"],
                 num_classes=dataset.num_classes)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Programs:
+    """What a run compiles: shared by runs that differ only in seed and bookkeeping."""
+
+    task: Task
+    mesh: jax.sharding.Mesh
+    abstract: Any
+    state_sharding: Any
+    init: Callable  # seed (int32) -> state, initialised already sharded
+    step: CompiledStep
+    eval: Callable  # (params, test batch) -> metrics
+
+
+# Fields that do not change the compiled programs: runs differing only in these (the
+# seeds of a study) reuse one compilation.
+_RUN_ONLY = ("seed", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+             "keep_checkpoints", "init_from", "progress_bar")
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+_PROGRAMS_KEEP = 4
+
+
+def _programs(flat: dict, dataset: data_lib.Dataset) -> _Programs:
+    key = json.dumps({k: v for k, v in flat.items() if k not in _RUN_ONLY},
+                     sort_keys=True, default=str) + repr(jax.devices())
+    if key in _PROGRAMS:
+        _PROGRAMS.move_to_end(key)
+        return _PROGRAMS[key]
+    task = build_task(None, dataset, flat)
+    mesh = make_mesh()
+    replicated = NamedSharding(mesh, P())
+    data_sharding = NamedSharding(mesh, P("data"))
+    sample = dataset.x_train[:1]
+    # The seed is an argument, not a constant, so all seeds share one compilation.
+    init = lambda seed: init_state(task, seed, sample)
+    abstract = jax.eval_shape(init, np.int32(0))
+    state_sharding = jax.tree.map(lambda _: replicated, abstract)
+    programs = _Programs(
+        task=task, mesh=mesh, abstract=abstract, state_sharding=state_sharding,
+        init=jax.jit(init, out_shardings=state_sharding),
+        step=make_train_step(task, mesh, parallel=flat["parallel"],
+                             checks=flat["checks"]),
+        eval=jax.jit(functools.partial(eval_step, task=task,
+                                       target_scale=dataset.target_scale),
+                     in_shardings=(replicated, data_sharding),
+                     out_shardings=replicated))
+    _PROGRAMS[key] = programs
+    while len(_PROGRAMS) > _PROGRAMS_KEEP:
+        _PROGRAMS.popitem(last=False)
+    return programs
 
 
 def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
@@ -485,20 +538,17 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
         (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
 
     dataset = data_lib.load(flat["data.name"], **dict(flat["data.kwargs"]))
-    task = build_task(config, dataset, flat)
     seed, num_steps = flat["seed"], flat["num_train_steps"]
     batch_size = flat["batch_size"]
     num_devices = jax.device_count()
     if batch_size % num_devices:
         raise ValueError(f"batch_size={batch_size} is not divisible by the "
                          f"{num_devices} devices.")
-
-    mesh = make_mesh()
+    programs = _programs(flat, dataset)
+    task, mesh, compiled = programs.task, programs.mesh, programs.step
     replicated = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P("data"))
-    sample = dataset.x_train[:1]
-    abstract = jax.eval_shape(functools.partial(init_state, task, seed, sample))
-    state_sharding = jax.tree.map(lambda _: replicated, abstract)
+    abstract, state_sharding = programs.abstract, programs.state_sharding
     abstract_target = _abstract_like(abstract, state_sharding)
 
     # Restore: this workdir first, then config.init_from, else from scratch.
@@ -515,25 +565,17 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
         log.info("resuming from %s at step %d", workdir / "checkpoints", start_step)
     else:
         start_step = 0
-        state = jax.jit(functools.partial(init_state, task, seed, sample),
-                        out_shardings=state_sharding)()
+        state = programs.init(np.int32(seed))
         if flat["init_from"]:
             params = _read_init_from(flat["init_from"], abstract["params"],
-                                     state_sharding["params"])
+                                     replicated)
             state = {**state, "params": params,
                      "opt_state": jax.jit(task.tx.init,
                                           out_shardings=state_sharding["opt_state"])(
                                               params)}
             log.info("initialised parameters from %s", flat["init_from"])
-
-    # The step, compiled once.
-    compiled = make_train_step(task, mesh, parallel=flat["parallel"], checks=flat["checks"])
     state = compiled.from_saved(state)
-
-    eval_fn = jax.jit(functools.partial(eval_step, task=task,
-                                        target_scale=dataset.target_scale),
-                      in_shardings=(state_sharding["params"], data_sharding),
-                      out_shardings=replicated)
+    eval_fn = programs.eval
     pad = -dataset.num_test % num_devices
     test = global_batch({
         "x": np.concatenate([dataset.x_test,
