@@ -257,8 +257,9 @@ def log_cosh(
     A smooth (infinitely differentiable) alternative to `huber_loss` with no
     threshold to tune; the gradient is `tanh(p - t)`. Keras `LogCosh` and
     `optax.losses.log_cosh` compute the same value per entry (Keras then averages the
-    last axis). Computed as `|x| + softplus(-2|x|) - log 2`, which is finite at any
-    finite `x`, where `log(cosh(x))` overflows beyond |x| ~ 89 in float32.
+    last axis). Computed as `log1p(2 sinh(x/2)^2)` for |x| < 10 (exact near 0) and
+    `|x| + softplus(-2|x|) - log 2` beyond, which is finite at any finite `x`, where
+    `log(cosh(x))` overflows beyond |x| ~ 89 in float32.
 
     .. math::
         \ell = \log\cosh(p - t) = |x| + \log(1 + e^{-2|x|}) - \log 2,\quad x = p - t
@@ -283,7 +284,17 @@ def log_cosh(
     """
     p, t, kept = _setup("log_cosh", predictions, targets, where)
     a = jnp.abs(p - t)
-    loss = a + jax.nn.softplus(-2.0 * a) - math.log(2.0)
+    # Near 0, log1p(2 sinh(a/2)^2) is exact where the softplus form cancels (its
+    # 1e-3 value would be 7% off in float32); far out, the softplus form is finite
+    # where sinh overflows. Each branch sees only its own range of `a`.
+    small = a < 10.0
+    a_small = jnp.minimum(a, 10.0)
+    a_large = jnp.maximum(a, 10.0)
+    loss = jnp.where(
+        small,
+        jnp.log1p(2.0 * jnp.sinh(0.5 * a_small) ** 2),
+        a_large + jax.nn.softplus(-2.0 * a_large) - math.log(2.0),
+    )
     return reduce_loss(loss, kept=kept, weights=weights, reduction=reduction)
 
 

@@ -134,4 +134,112 @@ def multiclass_hinge_loss(scores, labels, *, margin=1.0, p=1, class_weights=None
 # --- regression -----------------------------------------------------------------------
 
 
+def _f64(*arrays):
+    return tuple(np.asarray(a, np.float64) for a in arrays)
+
+
+def squared_error(p, t):
+    p, t = _f64(p, t)
+    return (p - t) ** 2
+
+
+def absolute_error(p, t):
+    p, t = _f64(p, t)
+    return np.abs(p - t)
+
+
+def huber_loss(p, t, delta=1.0):
+    p, t = _f64(p, t)
+    a = np.abs(p - t)
+    return np.where(a < delta, 0.5 * a * a, delta * a - 0.5 * delta * delta)
+
+
+def smooth_l1_loss(p, t, beta=1.0):
+    p, t = _f64(p, t)
+    a = np.abs(p - t)
+    if beta == 0:
+        return a
+    return np.where(a < beta, 0.5 * a * a / beta, a - 0.5 * beta)
+
+
+def log_cosh(p, t):
+    """log(cosh(p - t)) taken literally: use only moderate |p - t| (< 700)."""
+    p, t = _f64(p, t)
+    return np.log(np.cosh(p - t))
+
+
+def poisson_nll(p, t, log_input=True, full=False, eps=1e-8):
+    p, t = _f64(p, t)
+    if log_input:
+        loss = np.exp(p) - t * p
+    else:
+        loss = p - t * np.log(p + eps)
+    if full:
+        # Stirling's approximation of log(t!), counted only for t > 1 (torch's rule).
+        ts = np.where(t > 1, t, 2.0)
+        stirling = ts * np.log(ts) - ts + 0.5 * np.log(2 * np.pi * ts)
+        loss = loss + np.where(t > 1, stirling, 0.0)
+    return loss
+
+
+def gaussian_nll(p, t, var, full=False, eps=1e-6):
+    """`var` must already broadcast to p's shape by NumPy rules."""
+    p, t, var = _f64(p, t, var)
+    v = np.maximum(var, eps)
+    loss = 0.5 * (np.log(v) + (p - t) ** 2 / v)
+    if full:
+        loss = loss + 0.5 * np.log(2 * np.pi)
+    return np.broadcast_to(loss, np.broadcast_shapes(p.shape, v.shape))
+
+
+def quantile_loss(p, t, quantile=0.5):
+    p, t = _f64(p, t)
+    r = t - p
+    return np.where(r >= 0, quantile * r, (quantile - 1.0) * r)
+
+
+def mean_absolute_percentage_error(p, t, eps=1e-7):
+    p, t = _f64(p, t)
+    return 100.0 * np.abs(t - p) / np.maximum(np.abs(t), eps)
+
+
+def squared_log_error(p, t):
+    p, t = _f64(p, t)
+    return (np.log(1.0 + np.maximum(p, 0.0)) - np.log(1.0 + np.maximum(t, 0.0))) ** 2
+
+
+def cosine_similarity_loss(p, t, axis=-1, eps=1e-8):
+    p, t = _f64(p, t)
+    norm_p = np.maximum(np.sqrt((p * p).sum(axis)), eps)
+    norm_t = np.maximum(np.sqrt((t * t).sum(axis)), eps)
+    return 1.0 - (p * t).sum(axis) / (norm_p * norm_t)
+
+
 # --- divergence -----------------------------------------------------------------------
+
+
+def _plogp_over_q(p, q):
+    """p * log(p / q) with 0 log 0 = 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0) / q), 0.0)
+
+
+def kl_divergence(log_q, t, axis=-1, log_targets=False):
+    log_q, t = np.asarray(log_q, np.float64), np.asarray(t, np.float64)
+    p = np.exp(t) if log_targets else t
+    return _plogp_over_q(p, np.exp(log_q)).sum(axis)
+
+
+def kl_divergence_with_logits(logits_p, logits_q, axis=-1):
+    p = np.exp(log_softmax(logits_p, axis))
+    q = np.exp(log_softmax(logits_q, axis))
+    return _plogp_over_q(p, q).sum(axis)
+
+
+def js_divergence(logits_p, logits_q, axis=-1):
+    p = np.exp(log_softmax(logits_p, axis))
+    q = np.exp(log_softmax(logits_q, axis))
+    m = 0.5 * (p + q)
+    return 0.5 * (_plogp_over_q(p, m) + _plogp_over_q(q, m)).sum(axis)
+
+
