@@ -243,3 +243,97 @@ def js_divergence(logits_p, logits_q, axis=-1):
     return 0.5 * (_plogp_over_q(p, m) + _plogp_over_q(q, m)).sum(axis)
 
 
+# --- sequence -------------------------------------------------------------------------
+
+
+def ctc_collapse(path, blank):
+    """The label sequence of a frame-level path: merge repeats, then drop blanks."""
+    out, prev = [], None
+    for c in path:
+        if c != prev and c != blank:
+            out.append(int(c))
+        prev = c
+    return tuple(out)
+
+
+def ctc_labeling_probs(logits, blank):
+    """{labeling: p(labeling | x)} for one sequence `[T, K]`, enumerating all K**T
+    paths (tiny T and K only)."""
+    import itertools
+
+    logp = log_softmax(logits)
+    num_t, num_classes = logp.shape
+    probs = {}
+    for path in itertools.product(range(num_classes), repeat=num_t):
+        lp = sum(logp[t, c] for t, c in enumerate(path))
+        key = ctc_collapse(path, blank)
+        probs[key] = probs.get(key, 0.0) + np.exp(lp)
+    return probs
+
+
+def ctc_brute_force(logits, labels, blank=0):
+    """CTC negative log-likelihood of one sequence `[T, K]` by enumerating all
+    alignments (inf when none exists)."""
+    p = ctc_labeling_probs(logits, blank).get(tuple(int(c) for c in labels), 0.0)
+    with np.errstate(divide="ignore"):
+        return -np.log(p)
+
+
+def ctc_nll_and_grad(logits, labels, blank=0):
+    """CTC loss of one sequence `[T, K]` and its gradient w.r.t. the logits, in float64
+    by the log-space forward-backward recursions over the blank-extended labels."""
+    logp = log_softmax(logits)
+    num_t = logp.shape[0]
+    ext = [blank]
+    for c in labels:
+        ext += [int(c), blank]
+    num_s = len(ext)
+    log_a = np.full((num_t, num_s), -np.inf)
+    log_b = np.full((num_t, num_s), -np.inf)  # includes the emission at t
+
+    def allowed_from(s):  # states that may precede s
+        prev = [s, s - 1]
+        if s >= 2 and ext[s] != blank and ext[s] != ext[s - 2]:
+            prev.append(s - 2)
+        return [p for p in prev if p >= 0]
+
+    log_a[0, 0] = logp[0, ext[0]]
+    if num_s > 1:
+        log_a[0, 1] = logp[0, ext[1]]
+    for t in range(1, num_t):
+        for s in range(num_s):
+            log_a[t, s] = np.logaddexp.reduce(
+                [log_a[t - 1, p] for p in allowed_from(s)]) + logp[t, ext[s]]
+    finals = [num_s - 1] + ([num_s - 2] if num_s > 1 else [])
+    for s in finals:
+        log_b[num_t - 1, s] = logp[num_t - 1, ext[s]]
+    for t in range(num_t - 2, -1, -1):
+        for s in range(num_s):
+            nxt = [n for n in (s, s + 1, s + 2) if n < num_s and s in allowed_from(n)]
+            if nxt:
+                log_b[t, s] = np.logaddexp.reduce(
+                    [log_b[t + 1, n] for n in nxt]) + logp[t, ext[s]]
+    log_z = np.logaddexp.reduce([log_a[num_t - 1, s] for s in finals])
+    # alpha * beta counts the emission at t twice: divide it out once.
+    occ_state = np.exp(log_a + log_b - logp[:, ext] - log_z)
+    occ = np.zeros_like(logp)
+    for s, c in enumerate(ext):
+        occ[:, c] += occ_state[:, s]
+    return -log_z, np.exp(logp) - occ
+
+
+# --- large_vocab ----------------------------------------------------------------------
+
+
+def linear_cross_entropy(hidden, kernel, labels, bias=None):
+    """Per-token -log softmax(hidden @ kernel + bias)[label], float64, plain loops."""
+    hidden = np.asarray(hidden, np.float64).reshape(-1, np.shape(hidden)[-1])
+    kernel = np.asarray(kernel, np.float64)
+    shape = np.shape(labels)
+    labels = np.asarray(labels).reshape(-1)
+    out = np.empty(len(labels))
+    for n, (h, y) in enumerate(zip(hidden, labels)):
+        z = h @ kernel + (0.0 if bias is None else np.asarray(bias, np.float64))
+        m = z.max()
+        out[n] = m + np.log(np.sum(np.exp(z - m))) - z[y]
+    return out.reshape(shape)

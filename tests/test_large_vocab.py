@@ -1,0 +1,520 @@
+"""Tests for lossjax.large_vocab.linear_cross_entropy.
+
+The reference is `cross_entropy` on the materialized logits `hidden @ kernel + bias`
+with the same options: values to 1e-6 relative and gradients w.r.t. hidden, kernel and
+bias to 1e-5 relative L2 (float32). Shapes are chosen so that the vocab (300) is not a
+multiple of the block (128): the last block is a partial one.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import references as ref
+from absl.testing import parameterized
+from jax import lax
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+from jax.test_util import check_grads
+
+import lossjax
+from lossjax.large_vocab import linear_cross_entropy
+
+D, V, BLOCK = 32, 300, 128
+SHAPE = (8, 8)  # token axes of hidden / labels (64 tokens)
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def _inputs(rng, shape=SHAPE, d=D, vocab=V, dtype=np.float32):
+    hidden = rng.normal(0.0, 1.0, shape + (d,))
+    kernel = rng.normal(0.0, 0.5, (d, vocab))
+    bias = rng.normal(0.0, 1.0, (vocab,))
+    labels = rng.integers(0, vocab, shape)
+    labels.flat[3] = -100  # always one ignored token
+    cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
+    return cast(hidden), cast(kernel), cast(bias), jnp.asarray(labels)
+
+
+def _options(rng, name, shape=SHAPE, vocab=V):
+    cw = jnp.asarray(rng.uniform(0.25, 2.0, vocab), jnp.float32)
+    where = jnp.asarray(rng.random(shape) > 0.2)
+    weights = jnp.asarray(rng.uniform(0.0, 2.0, shape), jnp.float32)
+    return {
+        "plain": {},
+        "label_smoothing": dict(label_smoothing=0.1),
+        "class_weights": dict(class_weights=cw),
+        "class_weights+smoothing": dict(class_weights=cw, label_smoothing=0.2),
+        "z_loss": dict(z_loss=1e-2),
+        "logit_softcap": dict(logit_softcap=4.0),
+        "where+weights": dict(where=where, weights=weights),
+        "ignore_index=5": dict(ignore_index=5),
+        "everything": dict(class_weights=cw, label_smoothing=0.1, z_loss=1e-2,
+                           logit_softcap=4.0, where=where, weights=weights),
+    }[name]
+
+
+OPTION_SETS = ("plain", "label_smoothing", "class_weights", "class_weights+smoothing",
+               "z_loss", "logit_softcap", "where+weights", "ignore_index=5",
+               "everything")
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def _scalarize(fn, reduction, cotangent):
+    """A scalar of the loss for value_and_grad; "none" gets a random per-token cotangent."""
+    if reduction == "none":
+        return lambda *a: jnp.sum(fn(*a) * cotangent)
+    return fn
+
+
+def _assert_close(got, want, *, rtol):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = np.nanmax(np.abs(want)) if want.size else 1.0
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("options,bias", [("plain", False)] + [
+    (name, True) for name in OPTION_SETS])
+def test_matches_cross_entropy_on_materialized_logits(options, bias):
+    rng = np.random.default_rng(0)
+    h, w, b, y = _inputs(rng)
+    opts = _options(rng, options)
+    if options == "ignore_index=5":
+        y = jnp.where(y == -100, 5, y).at[0, :3].set(5)
+    cotangent = jnp.asarray(rng.normal(size=SHAPE), jnp.float32)
+    if not bias:
+        b = jnp.zeros_like(b)
+    for reduction in REDUCTIONS:
+        def fused(h, w, b):
+            return linear_cross_entropy(h, w, y, bias=b if bias else None,
+                                        block_size=BLOCK, reduction=reduction, **opts)
+
+        def naive(h, w, b):
+            return lossjax.cross_entropy(h @ w + b, y, reduction=reduction, **opts)
+
+        v1, g1 = jax.value_and_grad(_scalarize(fused, reduction, cotangent),
+                                    argnums=(0, 1, 2))(h, w, b)
+        v2, g2 = jax.value_and_grad(_scalarize(naive, reduction, cotangent),
+                                    argnums=(0, 1, 2))(h, w, b)
+        _assert_close(fused(h, w, b), naive(h, w, b), rtol=1e-6)
+        _assert_close(v1, v2, rtol=1e-6)
+        for name, a, c in zip(("hidden", "kernel", "bias"), g1, g2):
+            if name == "bias" and not bias:
+                assert not np.any(a), "no bias given: zero gradient"
+                continue
+            assert _rel(a, c) < 1e-5, (options, reduction, name, _rel(a, c))
+
+
+def test_class_weights_gradient_matches():
+    rng = np.random.default_rng(0)
+    h, w, b, y = _inputs(rng)
+    cw = jnp.asarray(rng.uniform(0.25, 2.0, V), jnp.float32)
+
+    def fused(cw):
+        return linear_cross_entropy(h, w, y, bias=b, class_weights=cw,
+                                    label_smoothing=0.3, block_size=BLOCK)
+
+    def naive(cw):
+        return lossjax.cross_entropy(h @ w + b, y, class_weights=cw, label_smoothing=0.3)
+
+    assert _rel(jax.grad(fused)(cw), jax.grad(naive)(cw)) < 1e-5
+
+
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_return_lse(softcap):
+    rng = np.random.default_rng(0)
+    h, w, b, y = _inputs(rng)
+    where = jnp.asarray(rng.random(SHAPE) > 0.2)
+    kw = dict(bias=b, logit_softcap=softcap, where=where, block_size=BLOCK)
+    loss, lse = linear_cross_entropy(h, w, y, return_lse=True, **kw)
+    assert lse.shape == SHAPE and lse.dtype == jnp.float32
+    np.testing.assert_array_equal(loss, linear_cross_entropy(h, w, y, **kw))
+    logits = h @ w + b
+    if softcap:
+        logits = softcap * jnp.tanh(logits / softcap)
+    kept = where & (y != -100)
+    want = jnp.where(kept, jax.nn.logsumexp(logits, axis=-1), 0)
+    _assert_close(lse, want, rtol=1e-6)
+    # Gradients flow through the returned lse too (z-loss written by hand, say).
+    r = jnp.asarray(rng.normal(size=SHAPE), jnp.float32)
+
+    def fused(h, w):
+        loss, lse = linear_cross_entropy(h, w, y, return_lse=True, **kw)
+        return loss + jnp.sum(r * lse**2)
+
+    def naive(h, w):
+        logits = h @ w + b
+        if softcap:
+            logits = softcap * jnp.tanh(logits / softcap)
+        lse = jnp.where(kept, jax.nn.logsumexp(logits, axis=-1), 0)
+        return lossjax.cross_entropy(logits, y, where=where) + jnp.sum(r * lse**2)
+
+    for a, c in zip(jax.grad(fused, (0, 1))(h, w), jax.grad(naive, (0, 1))(h, w)):
+        assert _rel(a, c) < 1e-5
+
+
+def test_matches_float64_numpy_reference():
+    rng = np.random.default_rng(0)
+    h, w, b, y = _inputs(rng)
+    y = jnp.abs(y)  # no ignored token: the reference is the plain per-token loss
+    want = ref.linear_cross_entropy(h, w, y, bias=b)
+    got = linear_cross_entropy(h, w, y, bias=b, block_size=BLOCK, reduction="none")
+    _assert_close(got, want, rtol=1e-5)
+    np.testing.assert_allclose(linear_cross_entropy(h, w, y, bias=b), want.mean(),
+                               rtol=1e-6)
+    with jax.enable_x64(True):
+        got64 = linear_cross_entropy(jnp.asarray(h, jnp.float64), jnp.asarray(w, jnp.float64),
+                                     y, bias=jnp.asarray(b, jnp.float64),
+                                     block_size=BLOCK, reduction="none")
+        assert got64.dtype == jnp.float64
+        np.testing.assert_allclose(got64, want, rtol=1e-12)
+
+
+def test_check_grads_float64():
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        h, w, b, y = _inputs(rng, shape=(6,), d=4, vocab=10, dtype=np.float64)
+        cw = jnp.asarray(rng.uniform(0.5, 2.0, 10))
+        weights = jnp.asarray(rng.uniform(0.5, 2.0, 6))
+
+        def f(h, w, b, cw):
+            return linear_cross_entropy(h, w, y, bias=b, class_weights=cw, weights=weights,
+                                        label_smoothing=0.1, z_loss=0.01, logit_softcap=3.0,
+                                        block_size=4)
+
+        check_grads(f, (h, w, b, cw), order=1, modes=("rev",))
+
+
+def test_bfloat16_inputs():
+    rng = np.random.default_rng(0)
+    h, w, b, y = _inputs(rng, dtype=jnp.bfloat16)
+
+    def f(h, w, b):
+        return linear_cross_entropy(h, w, y, bias=b, block_size=BLOCK)
+
+    loss, grads = jax.value_and_grad(f, argnums=(0, 1, 2))(h, w, b)
+    assert loss.dtype == jnp.float32
+    assert all(g.dtype == jnp.bfloat16 for g in grads)
+    # f32 accumulation: the loss equals the float32 loss of the same (bf16) numbers.
+    h32, w32, b32 = (a.astype(jnp.float32) for a in (h, w, b))
+    np.testing.assert_allclose(loss, lossjax.cross_entropy(h32 @ w32 + b32, y),
+                               rtol=1e-5)
+    # The gradient matmuls run in bf16 (as the unfused bf16 backward): 1e-2 relative.
+    want = jax.grad(lambda h, w, b: lossjax.cross_entropy(h @ w + b, y),
+                    argnums=(0, 1, 2))(h32, w32, b32)
+    for g, g32 in zip(grads, want):
+        assert _rel(g, g32) < 1e-2
+
+
+def test_jit_and_vmap():
+    rng = np.random.default_rng(0)
+    h, w, b, y = _inputs(rng)
+    kw = dict(bias=b, label_smoothing=0.1, block_size=BLOCK, reduction="sum")
+    eager = linear_cross_entropy(h, w, y, **kw)
+    jitted = jax.jit(lambda h, w: linear_cross_entropy(h, w, y, **kw))(h, w)
+    np.testing.assert_allclose(jitted, eager, rtol=1e-6)
+    per_row = jax.vmap(lambda h, y: linear_cross_entropy(h, w, y, **kw))(h, y)
+    batched = linear_cross_entropy(h, w, y, **{**kw, "reduction": "none"}).sum(-1)
+    np.testing.assert_allclose(per_row, batched, rtol=1e-6)
+    # vmap of the gradient too (per-example gradients of the kernel).
+    per_row_grad = jax.vmap(jax.grad(lambda w, h, y: linear_cross_entropy(h, w, y, **kw)),
+                            in_axes=(None, 0, 0))(w, h, y)
+    assert _rel(per_row_grad.sum(0), jax.grad(
+        lambda w: linear_cross_entropy(h, w, y, **kw))(w)) < 1e-5
+
+
+class VariantsTest(parameterized.TestCase):
+    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    def test_under_variants(self):
+        rng = np.random.default_rng(0)
+        h, w, b, y = _inputs(rng, shape=(16,))
+        kw = dict(bias=b, z_loss=1e-3, block_size=BLOCK)
+
+        @self.variant
+        def f(h, w):
+            return linear_cross_entropy(h, w, y, **kw)
+
+        np.testing.assert_allclose(f(h, w), linear_cross_entropy(h, w, y, **kw),
+                                   rtol=1e-6)
+
+
+def test_pmap_tokens_and_pmap_vocab_parallel():
+    n = jax.device_count()
+    assert n == 8
+    rng = np.random.default_rng(0)
+    h, w, b, y = _inputs(rng, shape=(n, 4), vocab=320)
+    want = linear_cross_entropy(h, w, y, bias=b, reduction="sum", block_size=BLOCK)
+    # Tokens split over devices.
+    got = jax.pmap(lambda h, y: lax.psum(linear_cross_entropy(
+        h, w, y, bias=b, reduction="sum", block_size=BLOCK), "d"), axis_name="d")(h, y)
+    np.testing.assert_allclose(got, np.full(n, want), rtol=1e-5)
+    # Vocab split over devices (axis_name), tokens replicated.
+    w_shards = jnp.stack(jnp.split(w, n, axis=1))
+    b_shards = jnp.stack(jnp.split(b, n))
+    got = jax.pmap(lambda w, b: linear_cross_entropy(
+        h, w, y, bias=b, reduction="sum", block_size=16, axis_name="d"),
+        axis_name="d")(w_shards, b_shards)
+    np.testing.assert_allclose(got, np.full(n, want), rtol=1e-5)
+
+
+# --- no [tokens, vocab] buffer ---------------------------------------------------------
+
+
+def _subjaxprs(value):
+    if isinstance(value, jax.extend.core.ClosedJaxpr):
+        yield value.jaxpr
+    elif isinstance(value, jax.extend.core.Jaxpr):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _subjaxprs(v)
+
+
+def _all_shapes(jaxpr):
+    for v in list(jaxpr.invars) + list(jaxpr.outvars) + list(jaxpr.constvars):
+        yield getattr(v.aval, "shape", ())
+    for eqn in jaxpr.eqns:
+        for v in list(eqn.invars) + list(eqn.outvars):
+            yield getattr(v.aval, "shape", ())
+        for param in eqn.params.values():
+            for sub in _subjaxprs(param):
+                yield from _all_shapes(sub)
+
+
+def _token_vocab_buffers(fn, *args, tokens, vocab):
+    """Every value in fn's jaxpr that holds tokens x vocab entries (or more)."""
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    return [s for s in _all_shapes(jaxpr)
+            if (tokens in s and vocab in s) or int(np.prod(s)) >= tokens * vocab]
+
+
+def test_no_token_by_vocab_buffer_in_jaxpr():
+    rng = np.random.default_rng(0)
+    n, d, vocab, block = 96, 16, 320, 64  # block differs from N and V; d * V < N * V
+    h, w, b, y = _inputs(rng, shape=(n,), d=d, vocab=vocab)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, logit_softcap=5.0,
+              class_weights=jnp.ones(vocab))
+
+    def fused(h, w, b):
+        return linear_cross_entropy(h, w, y, bias=b, block_size=block, **kw)
+
+    def naive(h, w, b):
+        return lossjax.cross_entropy(h @ w + b, y, **kw)
+
+    grad = lambda f: jax.value_and_grad(f, argnums=(0, 1, 2))  # noqa: E731
+    # The detector finds the unfused logits ...
+    assert _token_vocab_buffers(grad(naive), h, w, b, tokens=n, vocab=vocab)
+    # ... and nothing in the fused loss, forward or backward, nor in the value-only call.
+    assert not _token_vocab_buffers(grad(fused), h, w, b, tokens=n, vocab=vocab)
+    assert not _token_vocab_buffers(fused, h, w, b, tokens=n, vocab=vocab)
+
+
+def test_compiled_temp_memory_far_below_logits():
+    n, d, vocab, block = 512, 16, 8192, 256
+    h = jax.ShapeDtypeStruct((n, d), jnp.float32)
+    w = jax.ShapeDtypeStruct((d, vocab), jnp.float32)
+    y = jax.ShapeDtypeStruct((n,), jnp.int32)
+
+    def temp_bytes(f):
+        compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(h, w, y).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    logits_bytes = n * vocab * 4
+    naive = temp_bytes(lambda h, w, y: lossjax.cross_entropy(h @ w, y))
+    fused = temp_bytes(lambda h, w, y: linear_cross_entropy(h, w, y, block_size=block))
+    assert naive >= logits_bytes  # the measurement sees the logits when they exist
+    assert fused < logits_bytes / 4, (fused, logits_bytes)
+
+
+def test_value_only_call_does_one_matmul():
+    rng = np.random.default_rng(0)
+    h, w, _, y = _inputs(rng, shape=(32,), vocab=256)
+
+    def f(h, w):
+        return linear_cross_entropy(h, w, y, block_size=64)  # 4 blocks, no remainder
+
+    def dots(fn):
+        jaxpr = jax.make_jaxpr(fn)(h, w).jaxpr
+        count = 0
+        stack = [jaxpr]
+        while stack:
+            j = stack.pop()
+            for eqn in j.eqns:
+                count += eqn.primitive.name == "dot_general"
+                for param in eqn.params.values():
+                    stack.extend(_subjaxprs(param))
+        return count
+
+    assert dots(f) == 1  # the logits of a block, in the loop body
+    # With the gradient: logits (forward), recomputed logits, d hidden, d kernel.
+    assert dots(jax.value_and_grad(f, argnums=(0, 1))) == 4
+
+
+# --- vocab-parallel over a mesh ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 4), (1, 8)])
+def test_shard_map_vocab_parallel_matches_single_device(mesh_shape):
+    rng = np.random.default_rng(0)
+    vocab = 320  # 40 or 80 columns per shard; block 32 leaves a partial block
+    h, w, b, y = _inputs(rng, shape=(16,), d=16, vocab=vocab)
+    y = y.at[5].set(vocab)  # an out-of-range label: NaN entry on every mesh
+    cw = jnp.asarray(rng.uniform(0.5, 2.0, vocab), jnp.float32)
+    where = jnp.asarray(rng.random(16) > 0.1).at[5].set(False)
+    opts = dict(label_smoothing=0.1, z_loss=1e-2, logit_softcap=4.0, block_size=32)
+    mesh = jax.make_mesh(mesh_shape, ("data", "model"),
+                         axis_types=(AxisType.Auto, AxisType.Auto))
+
+    def single(h, w, b, cw):
+        return linear_cross_entropy(h, w, y, bias=b, class_weights=cw, where=where,
+                                    reduction="sum", **opts)
+
+    def sharded(h, w, b, cw):
+        def local(h, w, b, cw, y, where):
+            loss, lse = linear_cross_entropy(
+                h, w, y, bias=b, class_weights=cw, where=where, reduction="sum",
+                return_lse=True, axis_name="model", **opts)
+            return lax.psum(loss, "data"), lse
+
+        return jax.shard_map(
+            local, mesh=mesh,
+            in_specs=(P("data"), P(None, "model"), P("model"), P("model"), P("data"),
+                      P("data")),
+            out_specs=(P(), P("data")))(h, w, b, cw, y, where)
+
+    (v1, g1) = jax.value_and_grad(single, argnums=(0, 1, 2, 3))(h, w, b, cw)
+    (v2, lse), g2 = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1, 2, 3),
+                                               has_aux=True))(h, w, b, cw)
+    np.testing.assert_allclose(v2, v1, rtol=1e-6)
+    for a, c in zip(g2, g1):
+        assert _rel(a, c) < 1e-5
+    _, want_lse = linear_cross_entropy(h, w, y, bias=b, where=where, return_lse=True,
+                                       **opts)
+    _assert_close(lse, want_lse, rtol=1e-6)
+
+    # "mean" over a vocab-only mesh (tokens replicated) equals the single-device mean.
+    if mesh_shape[0] == 1:
+        y_ok = jnp.where(where, y, -100)
+        got = jax.jit(jax.shard_map(
+            lambda w, b: linear_cross_entropy(h, w, y_ok, bias=b, axis_name="model",
+                                              **opts),
+            mesh=mesh, in_specs=(P(None, "model"), P("model")), out_specs=P()))(w, b)
+        np.testing.assert_allclose(
+            got, linear_cross_entropy(h, w, y_ok, bias=b, **opts), rtol=1e-6)
+
+
+# --- contract: masking, bad values, bad inputs ------------------------------------------
+
+
+def test_masked_tokens_contribute_nothing_even_with_nan():
+    rng = np.random.default_rng(0)
+    h, w, b, y = _inputs(rng)
+    where = jnp.ones(SHAPE, bool).at[0, 0].set(False).at[1, 2].set(False)
+    bad_h = h.at[0, 0].set(jnp.nan).at[1, 2].set(jnp.inf)
+    bad_y = y.at[0, 0].set(10**6)
+
+    def f(h, w, b, reduction="mean"):
+        return linear_cross_entropy(h, w, bad_y, bias=b, where=where, block_size=BLOCK,
+                                    label_smoothing=0.1, reduction=reduction)
+
+    loss, grads = jax.value_and_grad(f, argnums=(0, 1, 2))(bad_h, w, b)
+    assert np.isfinite(loss) and all(np.all(np.isfinite(g)) for g in grads)
+    assert not np.any(grads[0][0, 0]) and not np.any(grads[0][1, 2])
+    per_token = f(bad_h, w, b, "none")
+    assert per_token[0, 0] == 0 and per_token[1, 2] == 0
+    # The same as dropping those tokens.
+    keep = np.asarray(where & (y != -100)).reshape(-1)
+    sliced = linear_cross_entropy(h.reshape(-1, D)[keep], w, y.reshape(-1)[keep], bias=b,
+                                  label_smoothing=0.1, block_size=BLOCK)
+    np.testing.assert_allclose(loss, sliced, rtol=1e-6)
+
+
+def test_fully_masked_gives_zero_and_zero_grads():
+    rng = np.random.default_rng(0)
+    h, w, b, y = _inputs(rng)
+    f = lambda h, w: linear_cross_entropy(h, w, y, where=jnp.zeros(SHAPE, bool))  # noqa
+    loss, grads = jax.value_and_grad(f, argnums=(0, 1))(h, w)
+    assert loss == 0 and all(not np.any(g) for g in grads)
+
+
+def test_out_of_range_label_is_nan_entry():
+    rng = np.random.default_rng(0)
+    h, w, b, y = _inputs(rng)
+    for bad in (V, -1):
+        got = linear_cross_entropy(h, w, y.at[2, 2].set(bad), reduction="none")
+        assert np.isnan(got[2, 2])
+        others = np.ones(SHAPE, bool)
+        others[2, 2] = False
+        np.testing.assert_array_equal(got[others],
+                                      linear_cross_entropy(h, w, y, reduction="none")[others])
+
+
+def test_finite_at_extreme_logits():
+    rng = np.random.default_rng(0)
+    h, w, b, y = _inputs(rng)
+    h = h / jnp.abs(h @ w).max(axis=-1, keepdims=True) * 1e4  # |logits| up to 1e4
+    for opts in ({}, dict(z_loss=1e-4, label_smoothing=0.1, logit_softcap=30.0)):
+        loss, grads = jax.value_and_grad(
+            lambda h, w: linear_cross_entropy(h, w, y, block_size=BLOCK, **opts),
+            argnums=(0, 1))(h, w)
+        assert np.isfinite(loss) and all(np.all(np.isfinite(g)) for g in grads)
+
+
+def test_bad_inputs_raise():
+    rng = np.random.default_rng(0)
+    h, w, b, y = _inputs(rng)
+    with pytest.raises(TypeError, match="labels"):
+        linear_cross_entropy(h, w, y.astype(jnp.float32))
+    with pytest.raises(TypeError, match="hidden"):
+        linear_cross_entropy(y, w, y)
+    with pytest.raises(ValueError, match="kernel"):
+        linear_cross_entropy(h, w[:-1], y)
+    with pytest.raises(ValueError, match="kernel must have rank 2"):
+        linear_cross_entropy(h, w[None], y)
+    with pytest.raises(ValueError, match="labels"):
+        linear_cross_entropy(h, w, y[:, :-1])
+    with pytest.raises(ValueError, match="bias"):
+        linear_cross_entropy(h, w, y, bias=b[:-1])
+    with pytest.raises(ValueError, match="class_weights"):
+        linear_cross_entropy(h, w, y, class_weights=jnp.ones(V + 1))
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(h, w, y, reduction="avg")
+    with pytest.raises(ValueError, match="block_size"):
+        linear_cross_entropy(h, w, y, block_size=0)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        linear_cross_entropy(h, w, y, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="logit_softcap"):
+        linear_cross_entropy(h, w, y, logit_softcap=0.0)
+    with pytest.raises(ValueError, match="where"):
+        linear_cross_entropy(h, w, y, where=jnp.ones((3,), bool))
+    with pytest.raises(TypeError, match="where"):
+        linear_cross_entropy(h, w, y, where=jnp.ones(SHAPE))
+
+
+def test_checked_mode_catches_bad_values():
+    rng = np.random.default_rng(0)
+    h, w, b, y = _inputs(rng, shape=(4,))
+    fn = lossjax.checked(lambda *a, **k: linear_cross_entropy(*a, block_size=BLOCK, **k))
+    assert np.isfinite(fn(h, w, y))
+    bad_h = h.at[1, 0].set(jnp.nan)
+    with pytest.raises(AssertionError, match="linear_cross_entropy: hidden must be finite"):
+        fn(bad_h, w, y)
+    with pytest.raises(AssertionError, match="linear_cross_entropy: kernel must be finite"):
+        fn(h, w.at[0, 0].set(jnp.inf), y)
+    with pytest.raises(AssertionError, match="labels must lie in"):
+        fn(h, w, y.at[2].set(V))
+    # An excluded entry may hold anything.
+    where = jnp.array([True, False, True, True])
+    assert np.isfinite(fn(bad_h, w, y.at[1].set(V), where=where))
+
+
+def test_registered():
+    assert lossjax.get("linear_cross_entropy") is linear_cross_entropy
+    assert lossjax.family_of("linear_cross_entropy") == "large_vocab"
