@@ -361,3 +361,34 @@ def test_configs_name_registered_losses():
     for module in (digits, text, regression):
         for spec in module.LOSSES.values():
             assert spec["name"] in lossjax.LOSSES, spec["name"]
+
+
+# --- the study ----------------------------------------------------------------------
+
+
+def test_study_smoke_writes_report_tables_and_plots(tmp_path):
+    from configs import study as study_config
+    from experiments import study
+
+    config = study_config.get_config("smoke")
+    train._PROGRAMS.clear()
+    before = train.TRACE_COUNT["train_step"]
+    tables = study.run_study(config, str(tmp_path))
+    # 3 tasks x 2 losses x 2 seeds; the seeds of a loss share one compilation.
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert len(records) == 12
+    assert train.TRACE_COUNT["train_step"] - before == 6
+    report = (tmp_path / "report.md").read_text()
+    for task in ("digits", "text", "regression"):
+        png = (tmp_path / f"{task}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+        assert f"![{task}]({task}.png)" in report
+    assert report.count(" wins on ") == 3
+    assert "## Appendix" in report and "### Caveats" in report
+    for label in ("cross_entropy", "label_smoothing", "squared_error",
+                  "absolute_error"):
+        assert f"`{label}`" in tables
+    # Each row's mean is the mean of its seeds' final test metric.
+    digits_ce = [r["summary"]["test/accuracy"] for r in records
+                 if r["task"] == "digits" and r["loss"] == "cross_entropy"]
+    assert f"{np.mean(digits_ce):.4f} ± {np.std(digits_ce, ddof=1):.4f}" in report

@@ -1,0 +1,128 @@
+"""The harness's train step against the same step written by hand with flax + optax.
+
+    python -m benchmarks.train_step                 # 3 fresh processes per case
+    python -m benchmarks.train_step --processes 5 --batch-size 256
+
+Both cases train the digits CNN (`experiments.models.CNN`) with Adam at a constant
+learning rate on the same batch:
+- `optax_handwritten`: a plain `jax.jit(step, donate_argnums=0)` computing
+  `optax.softmax_cross_entropy_with_integer_labels(...).mean()` and the Adam update;
+- `lossjax_harness`: `experiments.train`'s compiled step for `configs/digits.py` with
+  `lossjax.cross_entropy`, as `train_and_evaluate` runs it (mesh shardings, donation,
+  step counter, per-step key, loss, gradient norm and accuracy metrics).
+
+Timed: `STEPS` consecutive steps per call (dispatch included, as in training), median
+over calls, then median over fresh processes. Goal: harness / hand-written <= 1.02.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import numpy as np
+
+from benchmarks import common
+
+CASES = ["optax_handwritten", "lossjax_harness"]
+STEPS = 20
+LEARNING_RATE = 3e-3
+
+
+def _batch_size() -> int:
+    return int(os.environ.get("LOSSJAX_BENCH_BATCH", "64"))
+
+
+def _harness(batch):
+    from configs import digits
+    from experiments import data as data_lib
+    from experiments import train
+
+    config = digits.get_config()
+    with config.unlocked():
+        config.optimizer.schedule = "constant"
+        config.optimizer.learning_rate = LEARNING_RATE
+        config.batch_size = len(batch["y"])
+    flat = train.validate_config(config)
+    programs = train._programs(flat, data_lib.digits())
+    state = programs.init(np.int32(0))
+    device_batch = programs.step.put_batch(batch)
+    return programs.step.fn, state, device_batch
+
+
+def _handwritten(batch):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from experiments import models
+
+    model = models.CNN(num_outputs=10)
+    tx = optax.adam(LEARNING_RATE)
+    params = model.init(jax.random.key(0), jnp.asarray(batch["x"][:1]))["params"]
+    state = {"params": params, "opt_state": tx.init(params)}
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state, batch):
+        def loss_fn(p):
+            logits = model.apply({"params": p}, batch["x"])
+            return optax.softmax_cross_entropy_with_integer_labels(
+                logits, batch["y"]).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates),
+                "opt_state": opt_state}, {"loss": loss}
+
+    return step, state, jax.device_put(batch)
+
+
+def measure(case: str) -> dict:
+    import jax
+
+    from experiments import data as data_lib
+
+    ds = data_lib.digits()
+    idx = data_lib.batch_indices(0, 0, ds.num_train, _batch_size())
+    batch = {"x": ds.x_train[idx], "y": ds.y_train[idx]}
+    step, state, device_batch = (_harness if case == "lossjax_harness"
+                                 else _handwritten)(batch)
+    holder = {"state": state}
+
+    def run():
+        s = holder["state"]
+        for _ in range(STEPS):
+            s, metrics = step(s, device_batch)
+        holder["state"] = s
+        return metrics["loss"]
+
+    seconds = common.median_time(run, repeats=15, warmup=3)
+    return {"us_per_step": seconds / STEPS * 1e6, "devices": jax.device_count(),
+            "batch": _batch_size()}
+
+
+def jax_backend() -> str:
+    import jax
+
+    return f"{jax.default_backend()} ({jax.devices()[0].device_kind})"
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if "--batch-size" in sys.argv:
+        i = sys.argv.index("--batch-size")
+        os.environ["LOSSJAX_BENCH_BATCH"] = sys.argv[i + 1]
+        del sys.argv[i:i + 2]
+    results = common.main("benchmarks.train_step", CASES, measure)
+    if results is not None:
+        by_case = {r["case"]: r for r in results}
+        hand = by_case["optax_handwritten"].get("us_per_step")
+        for r in results:
+            if hand and "us_per_step" in r:
+                r["ratio"] = r["us_per_step"] / hand
+        print(f"\ndigits CNN train step, batch {_batch_size()}, Adam, float32, "
+              f"{jax_backend()}; median of {STEPS}-step calls; ratio = / hand-written "
+              "(goal <= 1.02)\n")
+        print(common.markdown_table(results, ["case", "us_per_step", "ratio",
+                                              "devices", "batch"]))
