@@ -1,0 +1,136 @@
+"""Fused linear cross-entropy vs materialized logits: time and peak memory.
+
+    python -m benchmarks.fused_ce                  # the CPU shapes, 3 processes per case
+    python -m benchmarks.fused_ce --processes 1    # one process per case (quicker)
+    python -m benchmarks.fused_ce --gemma          # Gemma-2-2B's head (for a GPU)
+    python -m benchmarks.fused_ce --only f32-N4096 # a subset (substrings of case names)
+
+Implementations, each as loss + gradient (w.r.t. hidden and kernel) and loss only, mean
+over tokens:
+- lossjax: `lossjax.linear_cross_entropy(hidden, kernel, labels)`;
+- optax: `optax.softmax_cross_entropy_with_integer_labels(hidden @ kernel, labels)`,
+  the materialized `[tokens, vocab]` logits;
+- tokamax: `tokamax.linear_softmax_cross_entropy_loss(..., implementation="xla")`;
+  tokamax 0.0.12 ships "xla" (which materializes the logits and their one-hot) and
+  "mosaic_tpu" (TPU only), and no "chunked_xla".
+
+Each case runs in a fresh process (benchmarks/common.py) and reports the median wall
+time, the process's peak RSS and XLA's compiled temp size. A case whose compiled temp
+size would not fit in 60% of the memory available is reported as skipped instead of
+run, so that it cannot push the machine into the OOM killer.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import common
+
+# (dtype, tokens, hidden size, vocab)
+SHAPES = [("f32", 4096, 1024, 32768), ("f32", 8192, 1024, 131072),
+          ("bf16", 8192, 1024, 131072)]
+GEMMA_SHAPES = [("bf16", 8192, 2304, 256000)]
+IMPLS = ("lossjax", "optax", "tokamax")
+MODES = ("loss+grad", "loss")
+
+
+def _cases(shapes):
+    return [f"{dt}-N{n}-d{d}-V{v}/{impl}/{mode}"
+            for dt, n, d, v in shapes for impl in IMPLS for mode in MODES]
+
+
+CASES = _cases(SHAPES)
+GEMMA_CASES = _cases(GEMMA_SHAPES)
+
+
+def _parse(case):
+    shape, impl, mode = case.split("/")
+    dt, n, d, v = shape.split("-")
+    return (jnp.float32 if dt == "f32" else jnp.bfloat16, int(n[1:]), int(d[1:]),
+            int(v[1:]), impl, mode)
+
+
+def _loss_fn(impl, labels):
+    if impl == "lossjax":
+        import lossjax
+
+        return lambda h, w: lossjax.linear_cross_entropy(h, w, labels)
+    if impl == "optax":
+        import optax
+
+        def naive(h, w):
+            logits = (h @ w).astype(jnp.float32)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        return naive
+    import tokamax
+
+    return lambda h, w: tokamax.linear_softmax_cross_entropy_loss(
+        h, labels, w, reduction="mean", implementation="xla")
+
+
+def _available_mib():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    return float("inf")
+
+
+def measure(case: str) -> dict:
+    dtype, n, d, v, impl, mode = _parse(case)
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    hidden = (jax.random.normal(k1, (n, d), jnp.float32)).astype(dtype)
+    kernel = (jax.random.normal(k2, (d, v), jnp.float32) / d**0.5).astype(dtype)
+    labels = jax.random.randint(k3, (n,), 0, v)
+    fn = _loss_fn(impl, labels)
+    if mode == "loss+grad":
+        fn = jax.value_and_grad(fn, argnums=(0, 1))
+    compiled = jax.jit(fn).lower(hidden, kernel).compile()
+    try:
+        temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
+    except Exception:  # Some backends report no memory analysis.
+        temp_mib = None
+    result = {"impl": impl, "mode": mode, "shape": case.split("/")[0],
+              "device": jax.devices()[0].device_kind, "temp_mib": temp_mib}
+    if temp_mib is not None and temp_mib > 0.6 * _available_mib():
+        result["note"] = f"skipped: needs {temp_mib / 1024:.1f} GiB temp"
+        return result
+    big = n * v >= 2**29
+    # Big shapes take a minute per call on two CPU cores: one timed call after the
+    # (already compiled) first, which also pays for first-touch of fresh buffers.
+    seconds = common.median_time(lambda: compiled(hidden, kernel),
+                                 repeats=1 if big else 3, warmup=1)
+    result.update(time_s=seconds, peak_rss_mib=common.peak_rss_mib())
+    return result
+
+
+def _table(results):
+    base = {}
+    for r in results:
+        if r.get("impl") == "optax" and r.get("mode") == "loss+grad" and "time_s" in r:
+            base[r["shape"]] = r
+    rows = []
+    for r in results:
+        row = dict(r)
+        b = base.get(r.get("shape"))
+        if b and "time_s" in r:
+            row["time_vs_naive_lg"] = r["time_s"] / b["time_s"]
+            row["rss_vs_naive_lg"] = r["peak_rss_mib"] / b["peak_rss_mib"]
+        rows.append(row)
+    columns = ["shape", "impl", "mode", "time_s", "time_vs_naive_lg", "peak_rss_mib",
+               "rss_vs_naive_lg", "temp_mib", "device", "note", "error"]
+    return common.markdown_table(rows, columns)
+
+
+if __name__ == "__main__":
+    cases = CASES
+    if "--gemma" in sys.argv:
+        sys.argv.remove("--gemma")
+        cases = GEMMA_CASES
+    results = common.main("benchmarks.fused_ce", cases, measure, timeout=1800)
+    if results is not None:
+        print(_table(results))
