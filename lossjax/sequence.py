@@ -116,7 +116,7 @@ def _extended(labels, blank_id):
     ext = jnp.full((batch, 2 * max_len + 1), blank_id, labels.dtype)
     ext = ext.at[:, 1::2].set(labels)
     # A skip over a blank is allowed into a label that differs from the previous one.
-    prev = jnp.concatenate([jnp.full((batch, 2), blank_id, ext.dtype), ext[:, :-2]], 1)
+    prev = jnp.concatenate([jnp.full((batch, 2), blank_id, ext.dtype), ext], 1)[:, :-2]
     odd = (jnp.arange(ext.shape[1]) % 2 == 1)[None, :]
     skip = odd & (ext != prev) & (jnp.arange(ext.shape[1]) >= 2)[None, :]
     return ext, skip
@@ -134,7 +134,12 @@ def _emissions(logp, ext):
 
 
 def _alpha_scan(emit, skip, logit_lengths, save):
-    """Forward variables. Returns (final alpha [B, S], alphas [T, B, S] or None)."""
+    """Forward variables, rescaled per frame.
+
+    Returns (final alpha [B, S], log scale [B], alphas [T, B, S] or None): the true
+    log alpha of frame t is alphas[t] plus the sum of the per-frame maxima up to t;
+    the final one is `final + log_scale`.
+    """
     num_t, batch, num_s = emit.shape
     skip_bias = jnp.where(skip, 0.0, _NEG_INF).astype(emit.dtype)
     init = jnp.full((batch, num_s), _NEG_INF, emit.dtype).at[:, 0].set(0.0)
@@ -142,14 +147,21 @@ def _alpha_scan(emit, skip, logit_lengths, save):
     def step(alpha, xs):
         e, t = xs
         new = e + _lse3(alpha, _shift_right(alpha, 1), _shift_right(alpha, 2) + skip_bias)
+        # Subtracting each frame's maximum keeps the values O(1): rounding then does
+        # not grow with the magnitude of log alpha over long sequences.
+        peak = jnp.max(new, axis=-1)
+        active = (t < logit_lengths) & (peak > _NEG_INF)
+        peak = jnp.where(active, peak, 0.0)
         # Past its length a sequence's alpha is frozen, so the final carry holds the
         # alpha of its last frame.
-        new = jnp.where((t < logit_lengths)[:, None], new, alpha)
-        return new, (new if save else None)
+        new = jnp.where((t < logit_lengths)[:, None], new - peak[:, None], alpha)
+        return new, ((new, peak) if save else peak)
 
     # unroll > 1 measured several times slower on CPU (XLA duplicates the shifts).
-    final, alphas = lax.scan(step, init, (emit, jnp.arange(num_t)))
-    return final, alphas
+    final, out = lax.scan(step, init, (emit, jnp.arange(num_t)))
+    alphas, peaks = out if save else (None, out)
+    # Summed after the loop (pairwise) rather than carried: less rounding.
+    return final, jnp.sum(peaks, axis=0), alphas
 
 
 def _final_states_mask(label_lengths, num_s):
@@ -158,31 +170,32 @@ def _final_states_mask(label_lengths, num_s):
     return (s == last) | (s == last - 1)
 
 
-def _log_likelihood(alpha_final, label_lengths):
+def _log_likelihood(alpha_final, log_scale, label_lengths):
     """log p(labels | x): logsumexp of alpha over the two final states."""
     final = jnp.where(_final_states_mask(label_lengths, alpha_final.shape[-1]),
                       alpha_final, _NEG_INF)
     m = jnp.max(final, axis=-1)
     m_safe = jnp.where(m == _NEG_INF, 0.0, m)
-    return m_safe + jnp.log(jnp.sum(jnp.exp(final - m_safe[:, None]), axis=-1))
+    return log_scale + m_safe + jnp.log(
+        jnp.sum(jnp.exp(final - m_safe[:, None]), axis=-1))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _ctc_core(logits, logit_lengths, labels, label_lengths, blank_id):
     ext, skip = _extended(labels, blank_id)
     emit = _emissions(jax.nn.log_softmax(logits, axis=-1), ext)
-    final, _ = _alpha_scan(emit, skip, logit_lengths, save=False)
+    final, log_scale, _ = _alpha_scan(emit, skip, logit_lengths, save=False)
     # Clamped at 0: f32 rounding can push a confident alignment's -log p slightly
     # below 0 (optax issue 1771), which turns into NaN downstream.
-    return jnp.maximum(-_log_likelihood(final, label_lengths), 0.0)
+    return jnp.maximum(-_log_likelihood(final, log_scale, label_lengths), 0.0)
 
 
 def _ctc_core_fwd(logits, logit_lengths, labels, label_lengths, blank_id):
     ext, skip = _extended(labels, blank_id)
     logp = jax.nn.log_softmax(logits, axis=-1)
     emit = _emissions(logp, ext)
-    final, alphas = _alpha_scan(emit, skip, logit_lengths, save=True)
-    log_z = _log_likelihood(final, label_lengths)
+    final, log_scale, alphas = _alpha_scan(emit, skip, logit_lengths, save=True)
+    log_z = _log_likelihood(final, log_scale, label_lengths)
     nll = jnp.maximum(-log_z, 0.0)
     # The emissions are re-gathered in the backward pass (cheap) rather than saved.
     return nll, (logp, logit_lengths, labels, label_lengths, alphas, log_z)
@@ -210,13 +223,15 @@ def _ctc_core_bwd(blank_id, res, g):
     skip_bias = _shift_left(jnp.where(skip, 0.0, _NEG_INF).astype(alphas.dtype), 2)
     final_init = jnp.where(_final_states_mask(label_lengths, num_s), 0.0, _NEG_INF)
     possible = jnp.isfinite(log_z)
-    log_z_safe = jnp.where(possible, log_z, 0.0)
 
     def step(bh_next, xs):
         e, t = xs
         beta = _lse3(bh_next, _shift_left(bh_next, 1),
                      _shift_left(bh_next, 2) + skip_bias)
         beta = jnp.where((t >= logit_lengths - 1)[:, None], final_init, beta)
+        # Rescaled per frame like alpha; the scale cancels in the occupancies.
+        peak = jnp.max(beta, axis=-1, keepdims=True)
+        beta = beta - jnp.where(peak > _NEG_INF, peak, 0.0)
         return e + beta, beta
 
     init = jnp.full((batch, num_s), _NEG_INF, alphas.dtype)
@@ -224,7 +239,14 @@ def _ctc_core_bwd(blank_id, res, g):
     # Posterior occupancy of state s at frame t (0 past the sequence's length),
     # computed outside the scan where XLA vectorizes it over all frames at once.
     valid_t = (jnp.arange(num_t)[:, None] < logit_lengths[None, :])[:, :, None]
-    occ = jnp.where(valid_t, jnp.exp(alphas + betas - log_z_safe[None, :, None]), 0.0)
+    # Normalized per frame rather than by the global log p: the occupancies of a frame
+    # sum to exactly 1, and the rounding that alpha and beta accumulate over long
+    # sequences (shared by all states of a frame) cancels.
+    log_occ = alphas + betas
+    peak = jnp.max(log_occ, axis=-1, keepdims=True)
+    occ = jnp.exp(log_occ - jnp.where(jnp.isfinite(peak), peak, 0.0))
+    total = jnp.sum(occ, axis=-1, keepdims=True)
+    occ = jnp.where(valid_t & (total > 0), occ / jnp.where(total > 0, total, 1.0), 0.0)
     occ_k = _occupancy_to_classes(occ, labels, blank_id, logp.shape[-1])
     valid = jnp.arange(num_t)[None, :] < logit_lengths[:, None]  # [B, T]
     scale = jnp.where(possible, g, 0.0)[:, None, None] * valid[:, :, None]
