@@ -47,7 +47,7 @@ def kl_divergence(
     weights: jax.Array | None = None,
     reduction: str = "mean",
 ) -> jax.Array:
-    r"""Kullback-Leibler divergence KL(targets || predictions) of distributions on `axis`.
+    r"""Kullback-Leibler divergence KL(targets || predictions) along `axis`.
 
     Distillation and matching a predicted distribution to a target one. Argument
     order and meaning follow `torch.nn.functional.kl_div(input, target)`: the model's

@@ -1,4 +1,4 @@
-"""Regression losses: squared, absolute, Huber, log-cosh, Poisson, Gaussian, pinball, ...
+"""Regression losses: squared, absolute, Huber, log-cosh, Poisson, Gaussian, pinball...
 
 Every loss here except `cosine_similarity_loss` is elementwise: its loss shape is the
 shape of `predictions` itself, with no hidden mean over the last axis (Keras takes one;
@@ -136,7 +136,8 @@ def absolute_error(
 
 
 def _check_positive(name: str, value, *, allow_zero: bool) -> None:
-    if isinstance(value, (int, float)) and (value < 0 or (value == 0 and not allow_zero)):
+    too_small = value < 0 or (value == 0 and not allow_zero)
+    if isinstance(value, (int, float)) and too_small:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {bound}, got {value}.")
 
@@ -324,7 +325,7 @@ def poisson_nll(
     .. math::
         \ell = \begin{cases} e^{p} - t\,p & \text{log\_input} \\
                p - t \log(p + \epsilon) & \text{otherwise} \end{cases}
-               \;+\; [\text{full}, t > 1]\,\big(t \log t - t + \tfrac12 \log(2\pi t)\big)
+               + [\text{full}, t > 1]\,\big(t \log t - t + \tfrac12 \log(2\pi t)\big)
 
     Args:
       predictions: float, any shape `[...]`: log-rates (`log_input=True`) or rates
@@ -370,7 +371,7 @@ def poisson_nll(
 
 
 def _variance_to_shape(variance, shape: tuple[int, ...]) -> jax.Array:
-    """Brings `variance` to the loss shape by the rules torch's gaussian_nll_loss uses."""
+    """Brings `variance` to the loss shape by torch's gaussian_nll_loss rules."""
     if isinstance(variance, (int, float)):
         variance = float(variance)
     variance = jnp.asarray(variance)
@@ -424,8 +425,8 @@ def gaussian_nll(
     happen under jit); checked mode asserts variance >= 0.
 
     .. math::
-        \ell = \tfrac12 \Big(\log \max(v, \epsilon) + \frac{(p - t)^2}{\max(v, \epsilon)}
-               \Big) + [\text{full}]\,\tfrac12 \log 2\pi
+        \ell = \tfrac12 \Big(\log \tilde v + \frac{(p - t)^2}{\tilde v}\Big)
+               + [\text{full}]\,\tfrac12 \log 2\pi,\quad \tilde v = \max(v, \epsilon)
 
     Args:
       predictions: float, any shape `[...]`: the Gaussian means.
