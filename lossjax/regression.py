@@ -1,9 +1,9 @@
 """Regression losses: squared, absolute, Huber, log-cosh, Poisson, Gaussian, pinball...
 
 Every loss here except `cosine_similarity_loss` is elementwise: its loss shape is the
-shape of `predictions` itself, with no hidden mean over the last axis (Keras takes one;
-its losses equal our "mean" only when every row has the same length, which it always
-has). "mean" equals torch's `reduction="mean"`.
+shape of `predictions` itself, with no hidden mean over the last axis (Keras takes one
+first; over a whole array that gives the same "mean"). "mean" equals torch's
+`reduction="mean"`.
 
 `predictions` and `targets` must have the same shape: a mismatch raises ValueError at
 trace time. torch broadcasts them with a warning, which turns a `[batch, 1]` against
@@ -37,7 +37,7 @@ __all__ = [
 LOSS_NAMES = tuple(__all__)
 
 
-def _setup(loss: str, predictions, targets, where, *, target_fill=0.0):
+def _setup(loss: str, predictions, targets, where):
     """Shared front half of the elementwise losses.
 
     Checks dtypes and shapes, builds the kept mask, runs the value checks, sanitizes
@@ -52,7 +52,7 @@ def _setup(loss: str, predictions, targets, where, *, target_fill=0.0):
     _checks.assert_finite(loss, "targets", targets, kept)
     dtype = compute_dtype(predictions, targets)
     p = sanitize(predictions, kept, 0).astype(dtype)
-    t = sanitize(targets, kept, target_fill).astype(dtype)
+    t = sanitize(targets, kept, 0).astype(dtype)
     return p, t, kept
 
 
@@ -462,8 +462,8 @@ def gaussian_nll(
     v = sanitize(variance, kept, 1).astype(compute_dtype(p, variance))
     p, t = p.astype(v.dtype), t.astype(v.dtype)
     negative = v < 0
-    # torch's `with no_grad(): var.clamp_(min=eps)`: value eps, gradient 1 (the
-    # formula's gradient at eps) below the clamp.
+    # torch's `with no_grad(): var.clamp_(min=eps)`: below eps the value is eps but
+    # d(clamped)/d(variance) stays 1, so the formula's gradient at eps flows through.
     v = jnp.where(v < eps, v + jax.lax.stop_gradient(eps - v), v)
     loss = 0.5 * (jnp.log(v) + (p - t) ** 2 / v)
     if full:
