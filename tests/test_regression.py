@@ -21,6 +21,7 @@ import references as ref
 import torch
 import torch.nn.functional as F
 from absl.testing import parameterized
+from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
 
 import lossjax
@@ -156,6 +157,10 @@ FIRST_CASES = list({c.fn: c for c in reversed(CASES)}.values())[::-1]
 
 def _data(case, shape, seed=0):
     return case.make(np.random.default_rng(seed), shape)
+
+
+def _f32(data):
+    return [np.asarray(x, np.float32) for x in data]
 
 
 def _batch_axes(case):
@@ -349,6 +354,28 @@ def test_bfloat16(case):
     np.testing.assert_allclose(out["none"], rounded["none"], rtol=1e-6)
     np.testing.assert_allclose(out["mean"], f(data)[0]["mean"], rtol=2e-2)
     assert all(g.dtype == jnp.bfloat16 for g in grads)
+
+
+@pytest.mark.parametrize("case", FIRST_CASES, ids=repr)
+def test_shard_map_equals_batched_call(case):
+    """Per-device "none" losses under shard_map (batch sharded 8 ways), and the mean
+    from psums of the per-device sums and counts, equal the single-device call."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    shape = _shape(case, (8, 3))
+    data = _f32(_data(case, shape))
+    data_axis, _ = _batch_axes(case)
+    spec = P(*[("data" if i == data_axis else None) for i in range(len(shape))])
+
+    def per_device(*a):
+        none = case.fn(*a, **case.kwargs, reduction="none")
+        total = jax.lax.psum(case.fn(*a, **case.kwargs, reduction="sum"), "data")
+        count = jax.lax.psum(none.size, "data")
+        return none, total / count
+
+    none, mean = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=spec,
+                                       out_specs=(P("data"), P())))(*data)
+    np.testing.assert_allclose(none, _jit(case, reduction="none")(*data), rtol=1e-6)
+    np.testing.assert_allclose(mean, _jit(case)(*data), rtol=1e-6)
 
 
 class VariantsTest(chex.TestCase):
