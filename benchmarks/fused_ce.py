@@ -1,6 +1,6 @@
 """Fused linear cross-entropy vs materialized logits: time and peak memory.
 
-    python -m benchmarks.fused_ce                  # the CPU shapes, 3 processes per case
+    python -m benchmarks.fused_ce                  # CPU shapes, 3 processes per case
     python -m benchmarks.fused_ce --processes 1    # one process per case (quicker)
     python -m benchmarks.fused_ce --gemma          # Gemma-2-2B's head (for a GPU)
     python -m benchmarks.fused_ce --only f32-N4096 # a subset (substrings of case names)
@@ -63,7 +63,8 @@ def _loss_fn(impl, labels):
 
         def naive(h, w):
             logits = (h @ w).astype(jnp.float32)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            return losses.mean()
 
         return naive
     import tokamax
@@ -100,10 +101,11 @@ def measure(case: str) -> dict:
         result["note"] = f"skipped: needs {temp_mib / 1024:.1f} GiB temp"
         return result
     big = n * v >= 2**29
-    # Big shapes take a minute per call on two CPU cores: one timed call after the
-    # (already compiled) first, which also pays for first-touch of fresh buffers.
+    # Big shapes take minutes per call on two CPU cores: one timed call of the already
+    # compiled function, which also pays for first-touch of its fresh buffers (as the
+    # first step of a training run does).
     seconds = common.median_time(lambda: compiled(hidden, kernel),
-                                 repeats=1 if big else 3, warmup=1)
+                                 repeats=1 if big else 3, warmup=0 if big else 1)
     result.update(time_s=seconds, peak_rss_mib=common.peak_rss_mib())
     return result
 

@@ -26,7 +26,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from lossjax import _checks
-from lossjax._reduce import check_reduction, compute_dtype, kept_mask, reduce_loss, sanitize
+from lossjax._reduce import (
+    check_reduction,
+    compute_dtype,
+    kept_mask,
+    reduce_loss,
+    sanitize,
+)
 
 __all__ = ["linear_cross_entropy"]
 LOSS_NAMES = ("linear_cross_entropy",)
@@ -39,14 +45,15 @@ _DEFAULT_BLOCK = 1024
 
 
 def _dot(a, b, contract_a: int, contract_b: int, acc_dtype):
-    """A 2-D matmul contracting the given axes, accumulated in `acc_dtype` (f32 for bf16)."""
+    """A 2-D matmul contracting the given axes, accumulated in `acc_dtype`."""
     return lax.dot_general(
-        a, b, (((contract_a,), (contract_b,)), ((), ())), preferred_element_type=acc_dtype
+        a, b, (((contract_a,), (contract_b,)), ((), ())),
+        preferred_element_type=acc_dtype,
     )
 
 
 def _block_logits(h, kernel_b, bias_b, softcap, acc_dtype):
-    """Soft-capped logits of one vocab block and tanh of the cap (None without a cap)."""
+    """Soft-capped logits of one vocab block, and tanh(z / cap) (None without a cap)."""
     z = _dot(h, kernel_b, 1, 0, acc_dtype)
     if bias_b is not None:
         z = z + bias_b.astype(acc_dtype)
@@ -66,7 +73,7 @@ def _varying_axes(x) -> frozenset:
 
 
 def _vary_like(tree, ref):
-    """Gives loop carries the shard_map axes `ref` varies over (a loop keeps them fixed)."""
+    """Gives loop carries the shard_map axes `ref` varies over (loops fix them)."""
     axes = _varying_axes(ref)
     if not axes:
         return tree
@@ -116,7 +123,8 @@ def _stats_forward(h, kernel, bias, u, labels, block, softcap, need_sum):
             if u is None:
                 total = total + jnp.sum(x, axis=1)
             else:
-                total = total + _dot(x, _slice(u, start, width, 0).astype(acc), 1, 0, acc)
+                u_b = _slice(u, start, width, 0).astype(acc)
+                total = total + _dot(x, u_b, 1, 0, acc)
         return m_new, s, xy, total
 
     zeros = jnp.zeros((tokens,), acc)
@@ -136,7 +144,8 @@ def _fused_stats(h, kernel, bias, u, labels, block, softcap, need_sum):
 
 
 def _fused_stats_fwd(h, kernel, bias, u, labels, block, softcap, need_sum):
-    lse, xy, total = _stats_forward(h, kernel, bias, u, labels, block, softcap, need_sum)
+    lse, xy, total = _stats_forward(h, kernel, bias, u, labels, block, softcap,
+                                    need_sum)
     return (lse, xy, total), (h, kernel, bias, u, labels, lse)
 
 
@@ -167,7 +176,8 @@ def _fused_stats_bwd(block, softcap, need_sum, residuals, cotangents):
         # accumulated in f32.
         dz_in = dz.astype(h.dtype)
         dh = dh + _dot(dz_in, kernel_b, 1, 1, acc)
-        dkernel = _update(dkernel, _dot(h, dz_in, 0, 0, acc).astype(kernel.dtype), start)
+        dkernel_b = _dot(h, dz_in, 0, 0, acc).astype(kernel.dtype)
+        dkernel = _update(dkernel, dkernel_b, start)
         if bias is not None:
             dbias = _update(dbias, jnp.sum(dz, axis=0).astype(bias.dtype), start)
         return dh, dkernel, dbias, du
@@ -328,12 +338,14 @@ def linear_cross_entropy(
     elif isinstance(block_size, int) and block_size > 0:
         block = block_size
     else:
-        raise ValueError(f"block_size must be a positive int or None, got {block_size!r}.")
+        raise ValueError(
+            f"block_size must be a positive int or None, got {block_size!r}.")
     block = min(block, local_vocab)
     if isinstance(label_smoothing, (int, float)) and not 0 <= label_smoothing <= 1:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}.")
     if logit_softcap is not None and not logit_softcap > 0:
-        raise ValueError(f"logit_softcap must be positive or None, got {logit_softcap}.")
+        raise ValueError(
+            f"logit_softcap must be positive or None, got {logit_softcap}.")
 
     if axis_name is None:
         num_shards, offset = 1, 0
