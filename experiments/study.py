@@ -97,7 +97,7 @@ def run_study(config: mlc.ConfigDict, workdir: str) -> str:
                            "mode": scen.mode, "setup": _setup_lines(cfg0),
                            "command": f"--config={scen.config.replace('.', '/')}"
                                       f".py:{arg}"}
-    records = []
+    records, failed = [], []
     bar = None
     if is_main:
         from tqdm.auto import tqdm
@@ -108,7 +108,14 @@ def run_study(config: mlc.ConfigDict, workdir: str) -> str:
         if bar is not None:
             bar.set_postfix_str(f"{name} / {label} / seed {seed}")
         run_dir = workdir / name / label / f"seed{seed}"
-        summary = train.train_and_evaluate(cfg, str(run_dir))
+        try:
+            summary = train.train_and_evaluate(cfg, str(run_dir))
+        except FloatingPointError as e:
+            # A diverging loss is a result, not a crash: report it and go on.
+            failed.append(f"{name}/{label} seed {seed} diverged: {e}")
+            if bar is not None:
+                bar.update(1)
+            continue
         curve, train_curve = _read_curves(run_dir, scen.metric) if is_main else ([], [])
         records.append({
             "task": name, "loss": label, "seed": seed, "metric": scen.metric,
@@ -130,7 +137,8 @@ def run_study(config: mlc.ConfigDict, workdir: str) -> str:
                     f"lossjax {getattr(lossjax, '__version__', 'dev')}",
         "study wall time": f"{total:.0f} s for {len(records)} runs",
     }
-    return report.write_report(workdir, records, tasks, environment, skipped)
+    return report.write_report(workdir, records, tasks, environment,
+                               skipped + failed)
 
 
 def main(argv):

@@ -30,8 +30,6 @@ import functools
 import inspect
 import json
 import logging
-import math
-import os
 import pathlib
 import shutil
 import signal
@@ -49,6 +47,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -202,6 +201,9 @@ def apply_loss(task: Task, outputs: jax.Array, y: jax.Array, **kwargs) -> jax.Ar
     if task.loss_target == "labels":
         return task.loss_fn(outputs, y, **kwargs)
     if task.loss_target == "one_hot":
+        if kwargs.get("where") is not None:
+            # An elementwise loss: its loss shape has the class axis too.
+            kwargs["where"] = kwargs["where"][:, None]
         return task.loss_fn(outputs, jax.nn.one_hot(y, task.num_classes), **kwargs)
     if task.loss_target == "value":
         return task.loss_fn(outputs[:, 0], y, **kwargs)
@@ -654,6 +656,12 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
                 if bar is not None:
                     bar.update(1)
                 stop = preemption.requested
+                if jax.process_count() > 1:
+                    # All processes must stop at the same step (saving is collective):
+                    # agree on the flag at log steps only, where a host sync happens
+                    # anyway.
+                    stop = done % log_every == 0 and bool(np.any(
+                        multihost_utils.process_allgather(np.array(stop))))
                 if done % log_every == 0 or done % ckpt_every == 0 or stop \
                         or done == num_steps:
                     flush(done)

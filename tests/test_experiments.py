@@ -184,7 +184,7 @@ def test_jit_and_pmap_give_the_same_losses_step_by_step(tmp_path):
 
 
 def test_bfloat16_computes_in_bf16_with_f32_params_and_loss(tmp_path):
-    config = smoke_config(dtype="bfloat16")
+    config = smoke_config(dtype="bfloat16", num_train_steps=20)
     dataset = data_lib.digits()
     task = train.build_task(config, dataset)
     state = train.init_state(task, 0, dataset.x_train[:4])
@@ -213,9 +213,9 @@ def test_checked_mode_reports_bad_labels(tmp_path):
     _, metrics = plain.fn(state(), plain.put_batch(batch))
     assert np.isnan(metrics["loss"])
     # ... which the trainer stops on, naming the step; checked mode runs clean data.
-    summary = train.train_and_evaluate(smoke_config(checks=True, num_train_steps=10),
+    summary = train.train_and_evaluate(smoke_config(checks=True, num_train_steps=5),
                                        str(tmp_path))
-    assert summary["step"] == 10
+    assert summary["step"] == 5
 
 
 def test_non_finite_loss_stops_the_run_and_saves_nothing_broken(tmp_path):
@@ -278,7 +278,7 @@ def _wait_for(predicate, proc, timeout=120.0):
 
 
 def test_sigkill_then_resume_gives_bitwise_the_same_parameters(tmp_path):
-    steps = 300
+    steps = 150
     flags = [f"--config.num_train_steps={steps}", "--config.checkpoint_every_steps=25",
              "--config.log_every_steps=25", "--config.eval_every_steps=1000"]
     reference = tmp_path / "reference"
