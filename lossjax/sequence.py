@@ -86,173 +86,219 @@ def lengths_to_padding_mask(
 
 
 # --- CTC loss: forward (alpha) and backward (beta) recursions in log space ---------
+#
+# The 2L+1 states of the blank-extended labels are kept as two arrays, the L+1 blank
+# states ([B, L+1], blank j between labels j-1 and j) and the L label states ([B, L]):
+# a blank state has only two predecessors and all blanks share one emission, so the
+# split needs 3 exps and 2 log1ps per blank/label pair and frame instead of 6 exps and
+# 2 logs, and the emission table is [T, B, L] + [T, B] instead of [T, B, 2L+1].
+
+
+def _lse2(a, b):
+    """log(e^a + e^b), -inf (never NaN) when both are -inf."""
+    m = jnp.maximum(a, b)
+    m_safe = jnp.where(m == _NEG_INF, 0.0, m)
+    # One exp and one log1p: the larger term contributes exp(0) = 1 exactly.
+    return m + jnp.log1p(jnp.exp(jnp.minimum(a, b) - m_safe))
 
 
 def _lse3(a, b, c):
-    """log(e^a + e^b + e^c) that is -inf (never NaN) when all three are -inf."""
-    # max + log of exp-sums: one log and three exps, cheaper than two logaddexps.
-    m = jnp.maximum(jnp.maximum(a, b), c)
-    m = jnp.where(m == _NEG_INF, 0.0, m)
-    return m + jnp.log(jnp.exp(a - m) + jnp.exp(b - m) + jnp.exp(c - m))
+    """log(e^a + e^b + e^c), -inf (never NaN) when all three are -inf."""
+    hi, lo = jnp.maximum(a, b), jnp.minimum(a, b)
+    m, mid = jnp.maximum(hi, c), jnp.minimum(hi, c)
+    m_safe = jnp.where(m == _NEG_INF, 0.0, m)
+    # Two exps and one log1p, on the two terms that are not the maximum.
+    return m + jnp.log1p(jnp.exp(mid - m_safe) + jnp.exp(lo - m_safe))
 
 
-def _shift_right(x, n):
-    """x[..., s - n] along the last axis, -inf where s < n."""
-    n = min(n, x.shape[-1])
-    pad = jnp.full(x.shape[:-1] + (n,), _NEG_INF, x.dtype)
-    return jnp.concatenate([pad, x[..., : x.shape[-1] - n]], axis=-1)
+def _prev(x):
+    """x[..., j - 1] along the last axis, -inf at j = 0."""
+    pad = jnp.full(x.shape[:-1] + (1,), _NEG_INF, x.dtype)
+    return jnp.concatenate([pad, x[..., :-1]], axis=-1)
 
 
-def _shift_left(x, n):
-    """x[..., s + n] along the last axis, -inf where s + n >= S."""
-    n = min(n, x.shape[-1])
-    pad = jnp.full(x.shape[:-1] + (n,), _NEG_INF, x.dtype)
-    return jnp.concatenate([x[..., n:], pad], axis=-1)
+def _next(x, length):
+    """x[..., j + 1] along the last axis, padded with -inf to `length` entries."""
+    pad = jnp.full(x.shape[:-1] + (length - x.shape[-1] + 1,), _NEG_INF, x.dtype)
+    return jnp.concatenate([x[..., 1:], pad], axis=-1)
 
 
-def _extended(labels, blank_id):
-    """Blank-interleaved labels [B, 2L+1] and the skip mask (s-2 -> s allowed)."""
-    batch, max_len = labels.shape
-    ext = jnp.full((batch, 2 * max_len + 1), blank_id, labels.dtype)
-    ext = ext.at[:, 1::2].set(labels)
-    # A skip over a blank is allowed into a label that differs from the previous one.
-    prev = jnp.concatenate([jnp.full((batch, 2), blank_id, ext.dtype), ext], 1)[:, :-2]
-    odd = (jnp.arange(ext.shape[1]) % 2 == 1)[None, :]
-    skip = odd & (ext != prev) & (jnp.arange(ext.shape[1]) >= 2)[None, :]
-    return ext, skip
+def _skip_bias(labels):
+    """0 where label j may be reached from label j - 1 skipping the blank, else -inf.
+
+    The skip is allowed between different labels only: a repeat needs a blank.
+    """
+    allowed = labels != _prev_int(labels)
+    return jnp.where(allowed, 0.0, _NEG_INF)
 
 
-def _emissions(logp, ext):
-    """log-probs [B, T, K] gathered at the extended labels, time-major [T, B, S]."""
-    # Transpose the small [B, T, K] first, then gather S entries from each contiguous
-    # row of K with a full [T, B, S] index: an index broadcast over T would make XLA
-    # gather strided columns of T, and transposing the [B, S, T] result is slow on CPU.
+def _prev_int(labels):
+    pad = jnp.full(labels.shape[:-1] + (1,), -1, labels.dtype)
+    return jnp.concatenate([pad, labels[..., :-1]], axis=-1)
+
+
+def _emissions(logp, labels, blank_id):
+    """Time-major emission log-probs: blanks [T, B] and labels [T, B, L]."""
+    logp = jnp.swapaxes(logp, 0, 1)  # [T, B, K]: a small transpose, before the gather
+    # Gather L entries from each contiguous row of K with a full [T, B, L] index: an
+    # index broadcast over T makes XLA gather strided columns of T (slow on CPU).
     # Never a one-hot of the labels.
-    logp = jnp.swapaxes(logp, 0, 1)
-    idx = jnp.broadcast_to(ext[None], (logp.shape[0],) + ext.shape)
-    return jnp.take_along_axis(logp, idx, axis=2, mode="promise_in_bounds")
+    idx = jnp.broadcast_to(labels[None], (logp.shape[0],) + labels.shape)
+    emit = jnp.take_along_axis(logp, idx, axis=2, mode="promise_in_bounds")
+    return logp[:, :, blank_id], emit
 
 
-def _alpha_scan(emit, skip, logit_lengths, save):
+def _alpha_scan(emit_blank, emit_label, skip, logit_lengths, save):
     """Forward variables, rescaled per frame.
 
-    Returns (final alpha [B, S], log scale [B], alphas [T, B, S] or None): the true
-    log alpha of frame t is alphas[t] plus the sum of the per-frame maxima up to t;
-    the final one is `final + log_scale`.
+    Returns (final blank alpha [B, L+1], final label alpha [B, L], log scale [B],
+    and the per-frame alphas ([T, B, L+1], [T, B, L]) if `save`). The true log alpha
+    of frame t is the saved one plus the sum of the per-frame maxima up to t.
     """
-    num_t, batch, num_s = emit.shape
-    skip_bias = jnp.where(skip, 0.0, _NEG_INF).astype(emit.dtype)
-    init = jnp.full((batch, num_s), _NEG_INF, emit.dtype).at[:, 0].set(0.0)
+    num_t, batch, max_len = emit_label.shape
+    dtype = emit_label.dtype
+    init_blank = jnp.full((batch, max_len + 1), _NEG_INF, dtype).at[:, 0].set(0.0)
+    init_label = jnp.full((batch, max_len), _NEG_INF, dtype)
 
-    def step(alpha, xs):
-        e, t = xs
-        new = e + _lse3(alpha, _shift_right(alpha, 1), _shift_right(alpha, 2) + skip_bias)
+    def step(carry, xs):
+        blank, label = carry
+        e_blank, e_label, t = xs
+        # Blank j comes from itself or label j - 1; label j from itself, blank j, or
+        # label j - 1 when the two labels differ.
+        new_blank = e_blank[:, None] + _lse2(blank, _prev(jnp.concatenate(
+            [label, jnp.full((batch, 1), _NEG_INF, dtype)], axis=-1)))
+        new_label = e_label + _lse3(label, blank[:, :-1], _prev(label) + skip)
         # Subtracting each frame's maximum keeps the values O(1): rounding then does
         # not grow with the magnitude of log alpha over long sequences.
-        peak = jnp.max(new, axis=-1)
-        active = (t < logit_lengths) & (peak > _NEG_INF)
-        peak = jnp.where(active, peak, 0.0)
+        peak = jnp.maximum(jnp.max(new_blank, axis=-1), jnp.max(new_label, axis=-1,
+                                                                 initial=_NEG_INF))
+        running = t < logit_lengths
+        peak = jnp.where(running & (peak > _NEG_INF), peak, 0.0)
         # Past its length a sequence's alpha is frozen, so the final carry holds the
         # alpha of its last frame.
-        new = jnp.where((t < logit_lengths)[:, None], new - peak[:, None], alpha)
-        return new, ((new, peak) if save else peak)
+        new_blank = jnp.where(running[:, None], new_blank - peak[:, None], blank)
+        new_label = jnp.where(running[:, None], new_label - peak[:, None], label)
+        out = (new_blank, new_label, peak) if save else peak
+        return (new_blank, new_label), out
 
-    # unroll > 1 measured several times slower on CPU (XLA duplicates the shifts).
-    final, out = lax.scan(step, init, (emit, jnp.arange(num_t)))
-    alphas, peaks = out if save else (None, out)
+    # unroll > 1 measured several times slower on CPU (XLA fuses across the steps
+    # and recomputes the shifted terms).
+    (blank, label), out = lax.scan(
+        step, (init_blank, init_label), (emit_blank, emit_label, jnp.arange(num_t)))
+    peaks = out[-1] if save else out
     # Summed after the loop (pairwise) rather than carried: less rounding.
-    return final, jnp.sum(peaks, axis=0), alphas
+    alphas = out[:2] if save else None
+    return blank, label, jnp.sum(peaks, axis=0), alphas
 
 
-def _final_states_mask(label_lengths, num_s):
-    s = jnp.arange(num_s)[None, :]
-    last = 2 * label_lengths[:, None]
-    return (s == last) | (s == last - 1)
-
-
-def _log_likelihood(alpha_final, log_scale, label_lengths):
-    """log p(labels | x): logsumexp of alpha over the two final states."""
-    final = jnp.where(_final_states_mask(label_lengths, alpha_final.shape[-1]),
-                      alpha_final, _NEG_INF)
-    m = jnp.max(final, axis=-1)
-    m_safe = jnp.where(m == _NEG_INF, 0.0, m)
-    return log_scale + m_safe + jnp.log(
-        jnp.sum(jnp.exp(final - m_safe[:, None]), axis=-1))
+def _log_likelihood(blank, label, log_scale, label_lengths):
+    """log p(labels | x) from the final alphas: the last blank or the last label."""
+    last_blank = jnp.take_along_axis(blank, label_lengths[:, None], axis=1)[:, 0]
+    idx = jnp.maximum(label_lengths - 1, 0)[:, None]
+    last_label = jnp.take_along_axis(label, idx, axis=1, mode="clip")[:, 0] \
+        if label.shape[1] else jnp.full(last_blank.shape, _NEG_INF, blank.dtype)
+    last_label = jnp.where(label_lengths > 0, last_label, _NEG_INF)
+    return log_scale + _lse2(last_blank, last_label)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _ctc_core(logits, logit_lengths, labels, label_lengths, blank_id):
-    ext, skip = _extended(labels, blank_id)
-    emit = _emissions(jax.nn.log_softmax(logits, axis=-1), ext)
-    final, log_scale, _ = _alpha_scan(emit, skip, logit_lengths, save=False)
+    emit_blank, emit_label = _emissions(jax.nn.log_softmax(logits, axis=-1), labels,
+                                        blank_id)
+    blank, label, log_scale, _ = _alpha_scan(emit_blank, emit_label, _skip_bias(labels),
+                                             logit_lengths, save=False)
     # Clamped at 0: f32 rounding can push a confident alignment's -log p slightly
     # below 0 (optax issue 1771), which turns into NaN downstream.
-    return jnp.maximum(-_log_likelihood(final, log_scale, label_lengths), 0.0)
+    return jnp.maximum(-_log_likelihood(blank, label, log_scale, label_lengths), 0.0)
 
 
 def _ctc_core_fwd(logits, logit_lengths, labels, label_lengths, blank_id):
-    ext, skip = _extended(labels, blank_id)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    emit = _emissions(logp, ext)
-    final, log_scale, alphas = _alpha_scan(emit, skip, logit_lengths, save=True)
-    log_z = _log_likelihood(final, log_scale, label_lengths)
+    emit_blank, emit_label = _emissions(logp, labels, blank_id)
+    blank, label, log_scale, alphas = _alpha_scan(
+        emit_blank, emit_label, _skip_bias(labels), logit_lengths, save=True)
+    log_z = _log_likelihood(blank, label, log_scale, label_lengths)
     nll = jnp.maximum(-log_z, 0.0)
     # The emissions are re-gathered in the backward pass (cheap) rather than saved.
     return nll, (logp, logit_lengths, labels, label_lengths, alphas, log_z)
 
 
-def _occupancy_to_classes(occ, labels, blank_id, num_classes):
-    """Sums the state occupancies [T, B, S] into classes, [B, T, K]."""
-    occ_blank = jnp.sum(occ[:, :, 0::2], axis=-1)  # [T, B]: blanks are the even states
-    occ_labels = occ[:, :, 1::2]  # [T, B, L]
-    # A matmul with the one-hot of the labels, [B, L, K] (never [B, T, K]): measured
-    # 2x faster on CPU than a scatter-add of the T*B*L occupancies. HIGHEST precision
-    # so that GPUs and TPUs do not round the occupancies to tf32 / bf16.
-    onehot = jax.nn.one_hot(labels, num_classes, dtype=occ.dtype)  # [B, L, K]
-    occ_k = jnp.einsum("tbl,blk->btk", occ_labels, onehot,
-                       precision=lax.Precision.HIGHEST)
-    return occ_k.at[:, :, blank_id].add(occ_blank.T)
+def _beta_scan(emit_blank, emit_label, skip, logit_lengths, label_lengths):
+    """Backward variables (without the frame's own emission), rescaled per frame."""
+    num_t, batch, max_len = emit_label.shape
+    dtype = emit_label.dtype
+    j_blank = jnp.arange(max_len + 1)[None, :]
+    j_label = jnp.arange(max_len)[None, :]
+    final_blank = jnp.where(j_blank == label_lengths[:, None], 0.0, _NEG_INF)
+    final_label = jnp.where(j_label == label_lengths[:, None] - 1, 0.0, _NEG_INF)
+    skip_next = _next(skip, max_len)  # may label j go on to label j + 1 directly?
+
+    def step(carry, xs):
+        bh_blank, bh_label = carry  # beta + emission of frame t + 1
+        e_blank, e_label, t = xs
+        beta_blank = _lse2(bh_blank, jnp.concatenate(
+            [bh_label, jnp.full((batch, 1), _NEG_INF, dtype)], axis=-1))
+        beta_label = _lse3(bh_label, bh_blank[:, 1:], _next(bh_label, max_len)
+                           + skip_next)
+        last = (t >= logit_lengths - 1)[:, None]
+        beta_blank = jnp.where(last, final_blank, beta_blank)
+        beta_label = jnp.where(last, final_label, beta_label)
+        # Rescaled per frame like alpha; the scale cancels in the occupancies.
+        peak = jnp.maximum(jnp.max(beta_blank, axis=-1),
+                           jnp.max(beta_label, axis=-1, initial=_NEG_INF))
+        peak = jnp.where(peak > _NEG_INF, peak, 0.0)[:, None]
+        beta_blank, beta_label = beta_blank - peak, beta_label - peak
+        carry = (beta_blank + e_blank[:, None], beta_label + e_label)
+        return carry, (beta_blank, beta_label)
+
+    init = (jnp.full((batch, max_len + 1), _NEG_INF, dtype),
+            jnp.full((batch, max_len), _NEG_INF, dtype))
+    _, betas = lax.scan(step, init, (emit_blank, emit_label, jnp.arange(num_t)),
+                        reverse=True)
+    return betas
 
 
 def _ctc_core_bwd(blank_id, res, g):
-    logp, logit_lengths, labels, label_lengths, alphas, log_z = res
-    num_t, batch, num_s = alphas.shape
-    ext, skip = _extended(labels, blank_id)
-    emit = _emissions(logp, ext)
-    # skip_bias[s] = 0 where s -> s + 2 is allowed (skip[s + 2]), else -inf.
-    skip_bias = _shift_left(jnp.where(skip, 0.0, _NEG_INF).astype(alphas.dtype), 2)
-    final_init = jnp.where(_final_states_mask(label_lengths, num_s), 0.0, _NEG_INF)
+    logp, logit_lengths, labels, label_lengths, (alpha_blank, alpha_label), log_z = res
+    num_t = alpha_blank.shape[0]
+    emit_blank, emit_label = _emissions(logp, labels, blank_id)
+    beta_blank, beta_label = _beta_scan(emit_blank, emit_label, _skip_bias(labels),
+                                        logit_lengths, label_lengths)
+    # Posterior occupancy of each state per frame, normalized per frame rather than by
+    # the global log p: a frame's occupancies sum to exactly 1, and the rounding that
+    # alpha and beta accumulate over long sequences (shared by a frame's states)
+    # cancels. Computed outside the scans, where XLA vectorizes over all frames.
+    occ_blank = alpha_blank + beta_blank  # [T, B, L+1]
+    occ_label = alpha_label + beta_label  # [T, B, L]
+    peak = jnp.maximum(jnp.max(occ_blank, axis=-1),
+                       jnp.max(occ_label, axis=-1, initial=_NEG_INF))[..., None]
+    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+    occ_blank, occ_label = jnp.exp(occ_blank - peak), jnp.exp(occ_label - peak)
+    blank_total = jnp.sum(occ_blank, axis=-1)  # [T, B]
+    total = blank_total + jnp.sum(occ_label, axis=-1)
+    valid_t = (jnp.arange(num_t)[:, None] < logit_lengths[None, :]) & (total > 0)
+    inv = jnp.where(valid_t, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)  # [T, B]
+    occ_k = _occupancy_to_classes(occ_label, blank_total, inv, labels, blank_id,
+                                  logp.shape[-1])
     possible = jnp.isfinite(log_z)
-
-    def step(bh_next, xs):
-        e, t = xs
-        beta = _lse3(bh_next, _shift_left(bh_next, 1),
-                     _shift_left(bh_next, 2) + skip_bias)
-        beta = jnp.where((t >= logit_lengths - 1)[:, None], final_init, beta)
-        # Rescaled per frame like alpha; the scale cancels in the occupancies.
-        peak = jnp.max(beta, axis=-1, keepdims=True)
-        beta = beta - jnp.where(peak > _NEG_INF, peak, 0.0)
-        return e + beta, beta
-
-    init = jnp.full((batch, num_s), _NEG_INF, alphas.dtype)
-    _, betas = lax.scan(step, init, (emit, jnp.arange(num_t)), reverse=True)
-    # Posterior occupancy of state s at frame t (0 past the sequence's length),
-    # computed outside the scan where XLA vectorizes it over all frames at once.
-    valid_t = (jnp.arange(num_t)[:, None] < logit_lengths[None, :])[:, :, None]
-    # Normalized per frame rather than by the global log p: the occupancies of a frame
-    # sum to exactly 1, and the rounding that alpha and beta accumulate over long
-    # sequences (shared by all states of a frame) cancels.
-    log_occ = alphas + betas
-    peak = jnp.max(log_occ, axis=-1, keepdims=True)
-    occ = jnp.exp(log_occ - jnp.where(jnp.isfinite(peak), peak, 0.0))
-    total = jnp.sum(occ, axis=-1, keepdims=True)
-    occ = jnp.where(valid_t & (total > 0), occ / jnp.where(total > 0, total, 1.0), 0.0)
-    occ_k = _occupancy_to_classes(occ, labels, blank_id, logp.shape[-1])
-    valid = jnp.arange(num_t)[None, :] < logit_lengths[:, None]  # [B, T]
-    scale = jnp.where(possible, g, 0.0)[:, None, None] * valid[:, :, None]
+    valid = (jnp.arange(num_t)[None, :] < logit_lengths[:, None])[:, :, None]
+    scale = jnp.where(possible, g, 0.0)[:, None, None] * valid  # [B, T, 1]
     # d(-log p)/d logits = softmax - occupancy (the log_softmax Jacobian folded in).
     grad = (jnp.exp(logp) - occ_k) * scale
     return grad, None, None, None
+
+
+def _occupancy_to_classes(occ_label, blank_total, inv, labels, blank_id, num_classes):
+    """Per-class occupancies [B, T, K] from the label states' [T, B, L] and the
+    blank states' total [T, B], both scaled by `inv` [T, B]."""
+    # A matmul with the one-hot of the labels, [B, L, K] (never [B, T, K]): measured
+    # faster on CPU than a scatter-add of the T*B*L occupancies. HIGHEST precision
+    # so that GPUs and TPUs do not round the occupancies to tf32 / bf16.
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=occ_label.dtype)  # [B, L, K]
+    occ_k = jnp.einsum("tbl,blk->btk", occ_label * inv[..., None], onehot,
+                       precision=lax.Precision.HIGHEST)
+    blank = jax.nn.one_hot(blank_id, num_classes, dtype=occ_label.dtype)
+    return occ_k + (blank_total * inv).T[:, :, None] * blank
 
 
 _ctc_core.defvjp(_ctc_core_fwd, _ctc_core_bwd)
