@@ -1,1 +1,1 @@
-"""Experiment configs: one `get_config(arg=None) -> ml_collections.ConfigDict` per module."""
+"""Experiment configs: one `get_config(arg=None) -> ConfigDict` per module."""

@@ -6,7 +6,7 @@ import ml_collections as mlc
 
 
 def parse_arg(arg: str | None, known: tuple[str, ...]) -> dict[str, str | bool]:
-    """Parses the comma string after `:` in `--config=configs/x.py:loss=focal_loss,smoke`.
+    """Parses the comma string after `:`, as in `configs/x.py:loss=focal_loss,smoke`.
 
     `key=value` items give strings, bare items give True. Unknown keys raise ValueError.
     """
@@ -52,7 +52,8 @@ def set_loss(config: mlc.ConfigDict, losses: dict, label: str) -> None:
                                   "target": spec.get("target", "labels")})
 
 
-def finish(config: mlc.ConfigDict, smoke: bool, smoke_steps: int = 40) -> mlc.ConfigDict:
+def finish(config: mlc.ConfigDict, smoke: bool,
+           smoke_steps: int = 40) -> mlc.ConfigDict:
     """Applies the smoke variant (a few steps, frequent logs) and locks the config."""
     if smoke:
         config.num_train_steps = smoke_steps

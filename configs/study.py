@@ -22,7 +22,7 @@ from configs import common
 # name -> (config module, title); the order is the report's order.
 SCENARIOS = {
     "digits": ("configs.digits", "Image classification (digits, CNN)"),
-    "text": ("configs.text", "Text classification (stdlib docstrings, bag of n-grams)"),
+    "text": ("configs.text", "Text classification (stdlib docstrings)"),
     "regression": ("configs.regression", "Regression (diabetes, MLP)"),
 }
 

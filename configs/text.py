@@ -32,13 +32,13 @@ def get_config(arg=None):
     c.data.kwargs = {"num_buckets": 8192, "max_len": 128}
     c.model.name = "bag_of_ngrams"
     c.model.kwargs = {"vocab_size": 8192, "embed_dim": 64, "hidden": 64}
-    c.num_train_steps = 600
+    c.num_train_steps = 300
     c.batch_size = 64
-    c.log_every_steps = 20
-    c.eval_every_steps = 60
+    c.log_every_steps = 10
+    c.eval_every_steps = 30
     c.checkpoint_every_steps = 300
     # Sparse bag-of-n-gram embeddings need a larger step than the CNN.
     c.optimizer.learning_rate = 3e-2
-    c.optimizer.warmup_steps = 30
+    c.optimizer.warmup_steps = 15
     common.set_loss(c, LOSSES, args.get("loss", "cross_entropy"))
     return common.finish(c, bool(args.get("smoke")), smoke_steps=40)

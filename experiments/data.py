@@ -1,8 +1,8 @@
 """Data sets that ship inside installed packages: nothing is downloaded at run time.
 
 - `digits`: scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes).
-- `stdlib_docs`: English docstrings of CPython standard-library packages, labelled by the
-  package they come from (read with `ast` from the interpreter's own `Lib/`, never
+- `stdlib_docs`: English docstrings of CPython standard-library packages, labelled by
+  the package they come from (read with `ast` from the interpreter's own `Lib/`, never
   imported, so the text is exactly what ships with the Python that runs the code).
 - `diabetes`: scikit-learn's diabetes regression data (442 patients, 10 features).
 

@@ -76,7 +76,7 @@ class MLP(nn.Module):
 
 
 class Constant(nn.Module):
-    """Outputs a learned vector (zeros at init) whatever the input: a known-answer model.
+    """Outputs a learned vector (zeros at init) whatever the input (known answers).
 
     With zero logits over K classes, softmax cross-entropy is exactly log(K).
     """

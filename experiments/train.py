@@ -144,13 +144,14 @@ def validate_config(config: mlc.ConfigDict) -> dict[str, Any]:
                              f"{', '.join(map(repr, allowed))}.")
     loss_fn = lossjax.get(flat["loss.name"])  # KeyError listing the valid names
     params = inspect.signature(loss_fn).parameters
-    keywords = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY]
+    # where / weights / reduction belong to the trainer, not to the config.
+    keywords = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY
+                and n not in ("where", "weights", "reduction")]
     for key in flat["loss.kwargs"]:
-        if key not in keywords or key in ("where", "weights", "reduction"):
+        if key not in keywords:
             raise ValueError(
                 f"config.loss.kwargs.{key}: {flat['loss.name']} has no keyword "
-                f"{key!r} the trainer may set; valid: "
-                f"{', '.join(k for k in keywords if k not in ('where', 'weights', 'reduction'))}.")
+                f"{key!r} the trainer may set; valid: {', '.join(keywords)}.")
     for name in ("num_train_steps", "batch_size", "log_every_steps",
                  "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if flat[name] <= 0:
@@ -163,7 +164,7 @@ def validate_config(config: mlc.ConfigDict) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Task:
-    """Everything `train_step` needs besides its state and batch (static for tracing)."""
+    """Everything `train_step` needs besides its state and batch; static."""
 
     model: nn.Module
     tx: optax.GradientTransformation
@@ -589,11 +590,13 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
 
     def evaluate(state):
         params = compiled.to_saved(state)["params"]
-        return {f"test/{k}": float(v) for k, v in _to_host(eval_fn(params, test)).items()}
+        metrics = _to_host(eval_fn(params, test))
+        return {f"test/{k}": float(v) for k, v in metrics.items()}
 
     def batch_of(step):
         idx = data_lib.batch_indices(seed, step, dataset.num_train, batch_size)
-        return compiled.put_batch({"x": dataset.x_train[idx], "y": dataset.y_train[idx]})
+        return compiled.put_batch({"x": dataset.x_train[idx],
+                                   "y": dataset.y_train[idx]})
 
     writer = _MetricWriter(workdir / "metrics.jsonl", start_step)
     log_every, eval_every = flat["log_every_steps"], flat["eval_every_steps"]

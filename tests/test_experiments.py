@@ -305,7 +305,8 @@ def test_sigkill_then_resume_gives_bitwise_the_same_parameters(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
-    flags = ["--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000",
+    flags = ["--config.num_train_steps=100000",
+             "--config.checkpoint_every_steps=100000",
              "--config.log_every_steps=10", "--config.eval_every_steps=100000"]
     proc = subprocess.Popen(main_command(tmp_path, "smoke", "digits", *flags),
                             cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
