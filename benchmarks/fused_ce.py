@@ -68,7 +68,11 @@ def _loss_fn(impl, labels):
 
         return naive
     import tokamax
+    from absl import flags
 
+    # tokamax reads absl flags when called; ours (--case) are not absl flags.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
     return lambda h, w: tokamax.linear_softmax_cross_entropy_loss(
         h, labels, w, reduction="mean", implementation="xla")
 
