@@ -807,3 +807,58 @@ class TestCrossEntropyExtensions:
             got = C.cross_entropy(jnp.asarray(x), jnp.asarray(y), z_loss=1e-2,
                                   logit_softcap=4.0, reduction="none")
         np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+class TestMaskedLogsumexp:
+    """cross_entropy's logsumexp: both mask placements (K below and above 64)."""
+
+    @pytest.mark.parametrize("k", [5, C._MASK_LOGITS_MIN_CLASSES + 6])
+    def test_values_and_grads_with_poisoned_excluded_rows(self, k):
+        rng = np.random.default_rng(15)
+        x = rng.normal(0, 3, (6, k))
+        kept = np.array([True, False, True, True, False, True])
+        w = rng.uniform(0.5, 2.0, 6)
+        bad = x.copy()
+        bad[1] = np.nan
+        bad[4, ::2] = np.inf
+        bad[4, 1::2] = -np.inf
+        with jax.enable_x64(True):
+            f = lambda x: jnp.sum(jnp.asarray(w) * C._masked_logsumexp(
+                x, jnp.asarray(kept)))
+            lse = np.log(np.exp(x).sum(-1))
+            np.testing.assert_allclose(f(jnp.asarray(bad)), (w * lse)[kept].sum(),
+                                       rtol=1e-12)
+            softmax = np.exp(x - lse[:, None])
+            want = np.where(kept[:, None], w[:, None] * softmax, 0.0)
+            for grad in (jax.grad(f), jax.jit(jax.grad(f))):
+                np.testing.assert_allclose(grad(jnp.asarray(bad)), want, rtol=1e-12,
+                                           atol=1e-15)
+            check_grads(jax.jit(f), (jnp.asarray(x),), order=2, modes=("rev",))
+            # A kept row of -inf logits (all classes masked out) gives -inf, as
+            # jax.nn.logsumexp.
+            y = np.array(x)
+            y[0] = -np.inf
+            assert C._masked_logsumexp(jnp.asarray(y), jnp.asarray(kept))[0] == -np.inf
+
+    @pytest.mark.parametrize("k", [5, C._MASK_LOGITS_MIN_CLASSES + 6])
+    def test_cross_entropy_where_with_poisoned_rows_equals_slicing(self, k):
+        rng = np.random.default_rng(16)
+        x = rng.normal(0, 3, (6, k)).astype(np.float32)
+        y = rng.integers(0, k, 6)
+        y[3] = -100
+        where = np.array([True, False, True, True, True, False])
+        kept = where & (y != -100)
+        bad = x.copy()
+        bad[~kept] = np.nan
+        bad[5, 0] = np.inf
+        for kw in ({}, {"label_smoothing": 0.1, "z_loss": 1e-3},
+                   {"class_weights": jnp.asarray(rng.uniform(0.5, 2, k), jnp.float32)}):
+            masked = lambda x: C.cross_entropy(x, jnp.asarray(y), where=jnp.asarray(where),
+                                               **kw)
+            plain = lambda x: C.cross_entropy(x, jnp.asarray(y[kept]), **kw)
+            np.testing.assert_allclose(masked(jnp.asarray(bad)), plain(x[kept]),
+                                       rtol=1e-6)
+            g = jax.grad(masked)(jnp.asarray(bad))
+            np.testing.assert_array_equal(g[~kept], 0.0)
+            np.testing.assert_allclose(g[kept], jax.grad(plain)(jnp.asarray(x[kept])),
+                                       rtol=1e-5, atol=1e-8)
