@@ -39,10 +39,12 @@ WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 CHARS = ("<blank>", " ") + tuple("abcdefghijklmnopqrstuvwxyz")
 BLANK_ID = 0
 
-# espeak-ng voice variants (language + variant): the split is by voice.
-TRAIN_VOICES = ("en-us", "en-us+m1", "en-us+m3", "en-us+f1", "en-us+f3", "en+m2",
-                "en+m4", "en+f2", "en-gb-x-rp", "en+m7")
-TEST_VOICES = ("en-gb+m5", "en+f4", "en-us+m6")
+# espeak-ng voices, accent + voice variant (checked to sound different with espeak-ng
+# 1.51: "en-gb+m1", for one, ignores its variant). The split is by voice: the test
+# voices combine accents and variants never heard in training.
+TRAIN_VOICES = ("en-us", "en-us+m3", "en-us+f2", "en+m1", "en+f3", "en-gb-x-rp+m4",
+                "en-029+m2", "en-gb-scotland+f1", "en-gb-x-gbcwmd+m6", "en-gb-x-rp+f2")
+TEST_VOICES = ("en-gb-x-gbclan+m5", "en-us+f4", "en-029+f5", "en-gb-scotland+m7")
 
 SAMPLE_RATE = 16000
 FRAME_MS, HOP_MS, NUM_MELS = 25, 10, 40
