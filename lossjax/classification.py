@@ -1,4 +1,4 @@
-"""Classification losses: softmax and sigmoid cross-entropy, focal losses, hinge losses."""
+"""Classification losses: softmax and sigmoid cross-entropy, focal and hinge losses."""
 
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def _integer_label_setup(loss: str, logits, labels, axis, class_weights, ignore_
         _checks.check_float("class_weights", class_weights)
         _checks.check_shape("class_weights", class_weights, (num_classes,),
                             against=f"{num_classes} classes")
-    kept = kept_mask(labels.shape, where=where, labels=labels, ignore_index=ignore_index)
+    kept = kept_mask(labels.shape, where=where, labels=labels,
+                     ignore_index=ignore_index)
     _checks.assert_labels_in_range(loss, labels, num_classes, kept)
     kept_c = None if kept is None else kept[..., None]
     if finite:
@@ -283,12 +284,9 @@ def _cross_entropy_soft(logits, targets, *, axis, label_smoothing, class_weights
     # row term below is masked with derivatives that never multiply an excluded value.
     all_kept = _all_kept(kept, x.shape[:-1])
     lse = _masked_logsumexp(x, all_kept)
-    mass = jnp.sum(t, axis=-1)
-    if kept is not None:
-        mass = jnp.where(kept, mass, 0)
-    # sum_k t_k (lse - x_k), without forming log-softmax; 0 * log 0 never arises since
-    # logits are finite.
-    entry = lse * mass - _masked_row_dot(t, x, all_kept)
+    # sum_k t_k (lse - x_k) in one reduction (not lse * sum(t) - sum(t * x), one pass
+    # more), without forming log-softmax; 0 * log 0 never arises as logits are finite.
+    entry = _masked_row_dot(t, lse[..., None] - x, all_kept)
     if z_loss:
         entry = entry + z_loss * lse**2
     return reduce_loss(entry, kept=kept, weights=weights, reduction=reduction)
@@ -363,16 +361,18 @@ def binary_cross_entropy(
     r"""Sigmoid (binary) cross-entropy between logits and probabilities in [0, 1].
 
     For binary and multi-label classification (one independent sigmoid per entry) and
-    for soft binary targets. Matches `torch.nn.functional.binary_cross_entropy_with_logits`
-    including `pos_weight` (broadcast against `logits`, so a `[num_classes]` vector
-    weights the positives of each class, as in torch) and `optax.sigmoid_binary_cross_entropy`.
-    Label smoothing follows Keras: targets become `t * (1 - eps) + eps / 2`. The loss is
-    elementwise (unlike Keras, no hidden mean over the last axis). With `weights`, "mean"
-    divides by the kept entries' sum of weights (the lossjax contract), whereas torch's
+    for soft binary targets. Matches
+    `torch.nn.functional.binary_cross_entropy_with_logits` including `pos_weight`
+    (broadcast against `logits`, so a `[num_classes]` vector weights the positives of
+    each class, as in torch) and `optax.sigmoid_binary_cross_entropy`. Label smoothing
+    follows Keras: targets become `t * (1 - eps) + eps / 2`. The loss is elementwise
+    (unlike Keras, no hidden mean over the last axis). With `weights`, "mean" divides
+    by the kept entries' sum of weights (the lossjax contract), whereas torch's
     `weight` argument divides by the number of entries.
 
     .. math::
-        \ell = -\left[w_+\, \tilde t \log \sigma(x) + (1 - \tilde t) \log \sigma(-x)\right],
+        \ell = -\left[w_+\, \tilde t \log \sigma(x)
+                      + (1 - \tilde t) \log \sigma(-x)\right],
         \quad \tilde t = (1 - \varepsilon)\, t + \varepsilon / 2
 
     Args:
@@ -481,10 +481,10 @@ def sigmoid_focal_loss(
     r"""Sigmoid focal loss (RetinaNet): binary cross-entropy scaled by (1 - p_t)^gamma.
 
     For dense detection and other binary / multi-label problems with many easy
-    negatives: the factor `(1 - p_t)^gamma` down-weights well-classified entries. Matches
-    `torchvision.ops.sigmoid_focal_loss` (soft targets in [0, 1] too), except that
-    `alpha=None` (the default here; torchvision's default is 0.25 and it disables the
-    weighting with `alpha < 0`) means no alpha weighting, as in
+    negatives: the factor `(1 - p_t)^gamma` down-weights well-classified entries.
+    Matches `torchvision.ops.sigmoid_focal_loss` (soft targets in [0, 1] too), except
+    that `alpha=None` (the default here; torchvision's default is 0.25 and it disables
+    the weighting with `alpha < 0`) means no alpha weighting, as in
     `optax.sigmoid_focal_loss`. The factor is computed as `exp(gamma * log(1 - p_t))`
     with `log(1 - p_t)` built from `log_sigmoid` terms, under a custom derivative: the
     loss, its gradients and its Hessian in `logits` stay finite at |logits| = 1e4 for
@@ -638,9 +638,9 @@ def poly1_cross_entropy(
     A drop-in alternative to `cross_entropy` for classification whose leading
     polynomial coefficient is tuned by `epsilon` (positive values help on ImageNet-style
     tasks in the paper; `epsilon = 0` is exactly `cross_entropy`). Class weights weight
-    the whole entry, as in `cross_entropy` (also in the "mean" denominator). Neither torch
-    nor optax ships it; it matches the paper's reference implementation with one-hot
-    labels.
+    the whole entry, as in `cross_entropy` (also in the "mean" denominator). Neither
+    torch nor optax ships it; it matches the paper's reference implementation with
+    one-hot labels.
 
     .. math::
         \ell = w_y \left[-\log p_y + \varepsilon (1 - p_y)\right],
@@ -817,8 +817,9 @@ def squared_hinge_loss(
     r"""Squared binary hinge loss max(0, margin - t * s)^2 for targets in {-1, +1}.
 
     `hinge_loss(..., squared=True)` under its own name, because Keras users look for
-    `squared_hinge` and a registry name (`config.loss.name`) cannot carry a flag. Keras's
-    `squared_hinge`, but elementwise and without the {0, 1} -> {-1, +1} mapping.
+    `squared_hinge` and a registry name (`config.loss.name`) cannot carry a flag.
+    Keras's `squared_hinge`, but elementwise and without the {0, 1} -> {-1, +1}
+    mapping.
 
     .. math::
         \ell = \max(0, m - t s)^2
@@ -859,7 +860,8 @@ def soft_margin_loss(
     r"""Logistic (soft-margin) loss log(1 + exp(-t * s)) for targets in {-1, +1}.
 
     The smooth counterpart of `hinge_loss` for ±1 targets; equal to
-    `binary_cross_entropy(s, (t + 1) / 2)`. Matches `torch.nn.functional.soft_margin_loss`.
+    `binary_cross_entropy(s, (t + 1) / 2)`. Matches
+    `torch.nn.functional.soft_margin_loss`.
 
     .. math::
         \ell = \log(1 + e^{-t s})
@@ -908,12 +910,12 @@ def multiclass_hinge_loss(
 
     For max-margin multi-class classifiers: every other class j whose score comes within
     `margin` of the label's score adds a penalty. Matches
-    `torch.nn.functional.multi_margin_loss` (p, margin, weight, reduction), including its
-    division by `num_classes` and its class weights, which multiply the entry but, unlike
-    `cross_entropy`, are NOT in the "mean" denominator: torch's "mean" divides by the
-    number of entries, and so does this loss (per-entry `weights`, if given, form the
-    denominator as usual). Entries whose label is `ignore_index` are excluded (torch has
-    no ignore_index here).
+    `torch.nn.functional.multi_margin_loss` (p, margin, weight, reduction), including
+    its division by `num_classes` and its class weights, which multiply the entry but,
+    unlike `cross_entropy`, are NOT in the "mean" denominator: torch's "mean" divides by
+    the number of entries, and so does this loss (per-entry `weights`, if given, form
+    the denominator as usual). Entries whose label is `ignore_index` are excluded
+    (torch has no ignore_index here).
 
     .. math::
         \ell = \frac{w_y}{K} \sum_{j \ne y} \max(0,\, m - s_y + s_j)^p

@@ -173,7 +173,7 @@ def _kept(case, data, where):
     return where & (data[1] != -100) if case.integer else where
 
 
-# --- generic tests over the table ------------------------------------------------------
+# --- generic tests over the table -------------------------------------------------
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)
@@ -696,10 +696,11 @@ class TestIdentities:
         y = self.y.at[2].set(-100)
         where = jnp.arange(6) != 2
         for fn in (C.cross_entropy, C.focal_loss, C.multiclass_hinge_loss):
-            np.testing.assert_array_equal(fn(self.x, y), fn(self.x, self.y, where=where))
+            np.testing.assert_array_equal(fn(self.x, y),
+                                          fn(self.x, self.y, where=where))
 
 
-# --- what is specific to one loss -------------------------------------------------------
+# --- what is specific to one loss --------------------------------------------------
 
 
 class TestSigmoidFocal:
@@ -737,7 +738,7 @@ class TestSigmoidFocal:
                                        atol=1e-9)
 
     def test_exact_target_gradient_at_hard_targets(self):
-        """d/dt at t in {0, 1} from the closed form (finite differences cannot reach)."""
+        """d/dt at t in {0, 1}, from the closed form: finite differences cannot."""
         with jax.enable_x64(True):
             x = jnp.array([-2.0, -0.3, 0.4, 1.7])
             t = jnp.array([0.0, 1.0, 0.0, 1.0])
@@ -791,8 +792,8 @@ class TestSoftmaxFocal:
         x = jnp.array([[3.0], [-2.0]])
         y = jnp.array([0, 0])
         np.testing.assert_array_equal(C.focal_loss(x, y, reduction="none"), 0.0)
-        np.testing.assert_array_equal(jax.jit(jax.grad(lambda x: C.focal_loss(x, y)))(x),
-                                      0.0)
+        grad = jax.jit(jax.grad(lambda x: C.focal_loss(x, y)))
+        np.testing.assert_array_equal(grad(x), 0.0)
 
 
 class TestCrossEntropyExtensions:
@@ -853,8 +854,8 @@ class TestMaskedLogsumexp:
         bad[5, 0] = np.inf
         for kw in ({}, {"label_smoothing": 0.1, "z_loss": 1e-3},
                    {"class_weights": jnp.asarray(rng.uniform(0.5, 2, k), jnp.float32)}):
-            masked = lambda x: C.cross_entropy(x, jnp.asarray(y), where=jnp.asarray(where),
-                                               **kw)
+            masked = lambda x: C.cross_entropy(x, jnp.asarray(y),
+                                               where=jnp.asarray(where), **kw)
             plain = lambda x: C.cross_entropy(x, jnp.asarray(y[kept]), **kw)
             np.testing.assert_allclose(masked(jnp.asarray(bad)), plain(x[kept]),
                                        rtol=1e-6)
