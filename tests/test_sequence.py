@@ -192,11 +192,12 @@ class TestReferences:
             frames = np.sort(rng.choice(num_t // 3, max_len, replace=False)) * 3
             path[b, frames] = labels[b]
             path[b, frames + 1] = labels[b]
-        x = rng.uniform(14.0, 18.0, (batch, num_t, 1)) * np.eye(num_classes)[path]
+        # At these magnitudes optax 0.2.8 returns negative losses for 59 of the 64.
+        x = rng.uniform(18.0, 24.0, (batch, num_t, 1)) * np.eye(num_classes)[path]
         args = (np.full(batch, num_t), labels, np.full(batch, max_len))
         loss = _ours(x, *args, reduction="none")
         assert np.all(np.asarray(loss) >= 0) and np.all(np.isfinite(loss))
-        assert np.asarray(loss).max() < 1e-3
+        assert np.asarray(loss).max() < 1e-5
         g = jax.jit(jax.grad(lambda v: _ours(v, *args)))(jnp.asarray(x, jnp.float32))
         assert np.all(np.isfinite(g))
 
