@@ -688,11 +688,11 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
             bar.close()
         manager.wait_until_finished()
         manager.close()
+    summary_path = workdir / "summary.json"
     if not last_eval:  # resumed at the end: evaluate the restored state
         last_eval = evaluate(state)
-    step_reached = num_steps if not preempted else done
-    return {
-        "step": int(step_reached), "preempted": preempted,
+    summary = {
+        "step": int(num_steps if not preempted else done), "preempted": preempted,
         "first_step_seconds": first_step_seconds,
         "wall_seconds": wall_seconds,
         "steps_per_sec": timed_steps / train_seconds if train_seconds > 0 else
@@ -700,6 +700,14 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
         "num_params": models.param_count(abstract["params"]),
         **last_eval,
     }
+    if start_step == num_steps and summary_path.exists():
+        # Nothing ran now: keep the timings of the run that did the training.
+        previous = json.loads(summary_path.read_text())
+        for key in ("first_step_seconds", "wall_seconds", "steps_per_sec"):
+            summary[key] = previous.get(key, summary[key])
+    if is_main and not preempted:
+        summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
 
 
 @dataclasses.dataclass(frozen=True)

@@ -390,3 +390,9 @@ def test_study_smoke_writes_report_tables_and_plots(tmp_path):
     digits_ce = [r["summary"]["test/accuracy"] for r in records
                  if r["task"] == "digits" and r["loss"] == "cross_entropy"]
     assert f"{np.mean(digits_ce):.4f} ± {np.std(digits_ce, ddof=1):.4f}" in report
+    # Re-running the study resumes every finished run: same numbers, no training.
+    before = train.TRACE_COUNT["train_step"]
+    study.run_study(config, str(tmp_path))
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert train.TRACE_COUNT["train_step"] == before
+    assert [r["summary"] for r in again] == [r["summary"] for r in records]
