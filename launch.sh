@@ -53,7 +53,10 @@ case "$cmd" in
   test)
     shift
     export JAX_PLATFORMS=cpu
+    # A persistent compilation cache makes repeated runs several times faster; the
+    # tests compile many small programs, so cache them all, not just the slow ones.
     export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/.cache/jax}
+    export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0}
     exec "$PY" -m pytest -n "${LOSSJAX_TEST_WORKERS:-2}" -q "$@"
     ;;
   cpu | gpu | tpu)
