@@ -159,8 +159,11 @@ def _alpha_scan(emit_blank, emit_label, skip, logit_lengths, save):
     """
     num_t, batch, max_len = emit_label.shape
     dtype = emit_label.dtype
-    init_blank = jnp.full((batch, max_len + 1), _NEG_INF, dtype).at[:, 0].set(0.0)
-    init_label = jnp.full((batch, max_len), _NEG_INF, dtype)
+    # Built from the inputs (+ 0), not from constants alone: under shard_map the
+    # carry must vary over the mesh axes like the values the loop computes from them.
+    zero = jnp.zeros_like(emit_blank[0])[:, None]
+    init_blank = zero + jnp.where(jnp.arange(max_len + 1) == 0, 0.0, _NEG_INF)
+    init_label = zero + jnp.full((max_len,), _NEG_INF, dtype)
 
     def step(carry, xs):
         blank, label = carry
@@ -253,8 +256,9 @@ def _beta_scan(emit_blank, emit_label, skip, logit_lengths, label_lengths):
         carry = (beta_blank + e_blank[:, None], beta_label + e_label)
         return carry, (beta_blank, beta_label)
 
-    init = (jnp.full((batch, max_len + 1), _NEG_INF, dtype),
-            jnp.full((batch, max_len), _NEG_INF, dtype))
+    zero = jnp.zeros_like(emit_blank[0])[:, None]  # varies like the inputs (shard_map)
+    init = (zero + jnp.full((max_len + 1,), _NEG_INF, dtype),
+            zero + jnp.full((max_len,), _NEG_INF, dtype))
     _, betas = lax.scan(step, init, (emit_blank, emit_label, jnp.arange(num_t)),
                         reverse=True)
     return betas
@@ -595,12 +599,16 @@ def ctc_beam_search(
 
     neg_inf = jnp.asarray(_NEG_INF, logp.dtype)
     # Beam 0 is the empty prefix; the others are empty slots (-inf).
-    p_b = jnp.full((batch, width), neg_inf).at[:, 0].set(0.0)
-    p_nb = jnp.full((batch, width), neg_inf)
-    last = jnp.full((batch, width), -1, jnp.int32)
-    h1 = jnp.zeros((batch, width), jnp.uint32)
-    h2 = jnp.zeros((batch, width), jnp.uint32)
-    length = jnp.zeros((batch, width), jnp.int32)
+    # Built from the inputs (+ 0), not from constants alone: under shard_map the
+    # carry must vary over the mesh axes like the values the loop computes from them.
+    zero = jnp.zeros_like(logp[0, :, :1])  # [B, 1]
+    izero = zero.astype(jnp.int32)
+    p_b = zero + jnp.where(jnp.arange(width) == 0, 0.0, neg_inf)
+    p_nb = zero + jnp.full((width,), neg_inf)
+    last = izero + jnp.full((width,), -1, jnp.int32)
+    h1 = (izero + jnp.zeros((width,), jnp.int32)).astype(jnp.uint32)
+    h2 = h1
+    length = izero + jnp.zeros((width,), jnp.int32)
 
     def step(carry, xs):
         p_b, p_nb, last, h1, h2, length = carry
