@@ -8,7 +8,7 @@ Implementations, each on the same float32 logits `[B, T, K]` (log_softmax includ
 summed over the batch:
 - lossjax: `lossjax.ctc_loss(..., reduction="sum")` (analytic custom_vjp gradient);
 - optax: `optax.ctc_loss` with padding masks (autodiff through its scan);
-- torch: `F.ctc_loss(log_softmax(x).transpose(0, 1), ...)` on CPU, torch's native kernel.
+- torch: `F.ctc_loss(log_softmax(x).transpose(0, 1), ...)` on CPU (its native kernel).
 
 "fwd" is the loss alone, "fwd+bwd" the loss and its gradient w.r.t. the logits. Each
 case runs in a fresh process (benchmarks/common.py); the table reports the median wall

@@ -24,7 +24,7 @@ LOSS_NAMES = ("ctc_loss",)
 _NEG_INF = -np.inf
 
 
-# --- optax-style padding masks ---------------------------------------------------------
+# --- optax-style padding masks --------------------------------------------------------
 
 
 def padding_mask_to_lengths(paddings: jax.Array) -> jax.Array:
@@ -310,7 +310,7 @@ def _occupancy_to_classes(occ_label, blank_total, inv, labels, blank_id, num_cla
 _ctc_core.defvjp(_ctc_core_fwd, _ctc_core_bwd)
 
 
-def _ctc_inputs(loss, logits, logit_lengths, labels, label_lengths, blank_id):
+def _ctc_inputs(logits, logit_lengths, labels, label_lengths, blank_id):
     """Trace-time checks shared by the CTC loss; returns (batch, time, classes, L)."""
     _checks.check_float("logits", logits)
     _checks.check_int("logit_lengths", logit_lengths)
@@ -413,7 +413,7 @@ def ctc_loss(
     See also: `ctc_greedy_decode`, `ctc_beam_search`, `padding_mask_to_lengths`.
     """
     batch, num_t, num_classes, max_len = _ctc_inputs(
-        "ctc_loss", logits, logit_lengths, labels, label_lengths, blank_id)
+        logits, logit_lengths, labels, label_lengths, blank_id)
     if reduction not in ("none", "sum", "mean"):
         reduce_loss(jnp.zeros(()), reduction=reduction)  # raises the usual error
     kept = kept_mask((batch,), where=where)
@@ -524,11 +524,6 @@ def ctc_greedy_decode(
     return _compact(best, keep, pad_value)
 
 
-def _logaddexp(a, b):
-    # jnp.logaddexp is NaN-free for two -inf operands and stable for large gaps.
-    return jnp.logaddexp(a, b)
-
-
 def ctc_beam_search(
     logits: jax.Array,
     logit_lengths: jax.Array,
@@ -613,7 +608,7 @@ def ctc_beam_search(
     def step(carry, xs):
         p_b, p_nb, last, h1, h2, length = carry
         lp, t = xs  # lp [B, K]
-        total = _logaddexp(p_b, p_nb)  # [B, W]
+        total = jnp.logaddexp(p_b, p_nb)  # [B, W]
         alive = total > neg_inf
         lp_blank = lp[:, blank_id][:, None]
         # Staying on the same prefix: a blank after anything, or the last label again.
@@ -634,13 +629,13 @@ def ctc_beam_search(
                 & alive[:, None, None, :]
                 & ~is_blank[None, None, :, None])  # [B, W, K, W']
         merged_in = jnp.where(same, ext_nb[..., None], neg_inf)
-        stay_nb = _logaddexp(stay_nb, jax.nn.logsumexp(merged_in, axis=(1, 2)))
+        stay_nb = jnp.logaddexp(stay_nb, jax.nn.logsumexp(merged_in, axis=(1, 2)))
         ext_nb = jnp.where(jnp.any(same, axis=-1), neg_inf, ext_nb)
         # Candidates: W stays, then W * K extensions; keep the W most probable.
         cand_b = jnp.concatenate(
             [stay_b, jnp.full((batch, width * num_classes), neg_inf)], axis=1)
         cand_nb = jnp.concatenate([stay_nb, ext_nb.reshape(batch, -1)], axis=1)
-        score = _logaddexp(cand_b, cand_nb)
+        score = jnp.logaddexp(cand_b, cand_nb)
         _, pick = lax.top_k(score, width)  # [B, W], best first
         is_ext = pick >= width
         parent = jnp.where(is_ext, (pick - width) // num_classes, pick)
@@ -667,7 +662,7 @@ def ctc_beam_search(
     carry = (p_b, p_nb, last, h1, h2, length)
     carry, (parents, tokens) = lax.scan(step, carry, (logp, jnp.arange(num_t)))
     p_b, p_nb, _, _, _, length = carry
-    score = _logaddexp(p_b, p_nb)
+    score = jnp.logaddexp(p_b, p_nb)
     k = 1 if top_k is None else top_k
     log_probs, beam = lax.top_k(score, k)  # [B, k]
 

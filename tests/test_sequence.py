@@ -235,7 +235,8 @@ class TestContract:
             np.testing.assert_allclose(got, want, rtol=1e-6)
         g = jax.jit(jax.grad(lambda v: _ours(v, tl, y_bad, yl, where=keep)))(x_bad)
         assert np.all(np.asarray(g)[1::2] == 0) and np.all(np.isfinite(g))
-        g = jax.jit(jax.grad(lambda v: _ours(v, tl, y, yl, where=jnp.zeros(4, bool))))(x)
+        nothing = jnp.zeros(4, bool)
+        g = jax.jit(jax.grad(lambda v: _ours(v, tl, y, yl, where=nothing)))(x)
         assert np.all(g == 0)
         assert _ours(x, tl, y, yl, where=jnp.zeros(4, bool)) == 0
 
@@ -260,7 +261,8 @@ class TestContract:
 
     def test_bad_shapes_and_dtypes(self):
         x, tl, y, yl = self._inputs()
-        with pytest.raises(ValueError, match=r"labels has shape \(3, 3\).*\(4, 10, 5\)"):
+        with pytest.raises(ValueError,
+                           match=r"labels has shape \(3, 3\).*\(4, 10, 5\)"):
             S.ctc_loss(x, tl, y[:3], yl)
         with pytest.raises(ValueError, match=r"logit_lengths has shape \(3,\)"):
             S.ctc_loss(x, tl[:3], y, yl)
