@@ -30,6 +30,16 @@ ensure_venv() {
   fi
 }
 
+ensure_speech_synthesizer() {
+  # The speech-recognition experiment synthesizes its data set with espeak-ng.
+  command -v espeak-ng >/dev/null && return 0
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    { apt-get update -qq && apt-get install -y -qq espeak-ng; } >/dev/null 2>&1 || true
+  fi
+  command -v espeak-ng >/dev/null \
+    || echo "launch.sh: espeak-ng is missing; install it (Debian/Ubuntu: sudo apt-get install espeak-ng) for the speech experiment" >&2
+}
+
 ensure_backend() {
   case "$1" in
     cpu) export JAX_PLATFORMS=cpu ;;
@@ -49,6 +59,7 @@ ensure_backend() {
 
 cmd=${1:-study}
 ensure_venv
+ensure_speech_synthesizer
 case "$cmd" in
   test)
     shift
