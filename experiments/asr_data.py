@@ -64,7 +64,8 @@ _INSTALL_HELP = (
 
 def espeak_binary() -> str:
     """Path of the espeak-ng executable; raises EspeakNotFoundError if missing."""
-    path = os.environ.get("ESPEAK_NG") or shutil.which("espeak-ng")
+    # shutil.which also vets an ESPEAK_NG override, so a wrong path gets the same help.
+    path = shutil.which(os.environ.get("ESPEAK_NG") or "espeak-ng")
     if not path:
         raise EspeakNotFoundError(_INSTALL_HELP)
     return path

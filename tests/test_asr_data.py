@@ -117,6 +117,12 @@ def test_espeak_ng_env_var_selects_the_binary(tmp_path, monkeypatch):
     assert asr_data.espeak_binary() == real
 
 
+def test_wrong_espeak_ng_override_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("ESPEAK_NG", str(tmp_path / "no" / "espeak-ng"))
+    with pytest.raises(asr_data.EspeakNotFoundError, match="apt-get install"):
+        asr_data.espeak_binary()
+
+
 def test_synthesize_resamples_to_16khz():
     text, voice, speed, pitch = "seven go", "en-us+f2", 170, 40
     audio = asr_data.synthesize(text, voice, speed=speed, pitch=pitch)
