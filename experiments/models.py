@@ -105,3 +105,122 @@ def create(name: str, *, num_outputs: int, dtype, **kwargs) -> nn.Module:
 
 def param_count(params) -> int:
     return sum(x.size for x in jax.tree.leaves(params))
+
+
+# --- language model -------------------------------------------------------------------
+
+
+def _rope(x, base: float = 10000.0):
+    """Rotary position embedding of `x` [batch, seq, heads, head_dim] (positions 0..).
+
+    Rotates the pairs (x[..., i], x[..., i + head_dim // 2]) (the GPT-NeoX / Llama
+    layout), in float32 whatever the compute dtype: bf16 angles lose the position.
+    """
+    half = x.shape[-1] // 2
+    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = jnp.arange(x.shape[1], dtype=jnp.float32)[:, None] * freqs
+    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin],
+                           axis=-1).astype(x.dtype)
+
+
+class _DecoderBlock(nn.Module):
+    """Pre-LN block: x + attention(LN(x)), then x + MLP(LN(x)); causal attention."""
+
+    num_heads: int
+    mlp_dim: int
+    rope: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        heads = (self.num_heads, d // self.num_heads)
+
+        def dense(features, name, axis=-1):
+            return nn.DenseGeneral(features, axis=axis, dtype=self.dtype,
+                                   param_dtype=jnp.float32, name=name)
+
+        h = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name="ln_attn")(x)
+        q, k, v = (dense(heads, n)(h) for n in ("query", "key", "value"))
+        if self.rope:
+            q, k = _rope(q), _rope(k)
+        # Softmax in float32 inside, also for bf16 inputs; a fused kernel where the
+        # backend has one.
+        a = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        x = x + dense(d, "attn_out", axis=(-2, -1))(a)
+        h = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name="ln_mlp")(x)
+        h = nn.gelu(dense(self.mlp_dim, "mlp_in")(h))
+        return x + dense(d, "mlp_out")(h)
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model (GPT-2 layout with pre-LN blocks).
+
+    Token embedding, rotary (`positions="rope"`) or learned absolute
+    (`positions="learned"`, up to `max_len` tokens) positions, `num_layers` pre-LN
+    blocks with causal self-attention and a GELU MLP, a final LayerNorm and an output
+    projection without bias, `kernel` [d_model, num_outputs] in flax `Dense` layout, or
+    the embedding table transposed with `tie_embeddings=True`.
+
+    Input: int32 token ids `[batch, seq]`. Output: logits `[batch, seq, num_outputs]`,
+    or with `return_hidden=True` the pair `(hidden [batch, seq, d_model], kernel
+    [d_model, num_outputs])` with `hidden @ kernel == logits`, for
+    `lossjax.linear_cross_entropy(hidden, kernel, labels)`, which never builds the
+    logits. Both modes have the same parameters, so a checkpoint serves either loss.
+    Both outputs are in the compute `dtype` (the kernel is cast from its float32
+    parameter, as `nn.Dense` does).
+    """
+
+    num_outputs: int  # the vocabulary size
+    num_layers: int = 2
+    d_model: int = 128
+    num_heads: int = 4
+    mlp_dim: int = 0  # 0: 4 * d_model
+    positions: str = "rope"
+    max_len: int = 2048
+    tie_embeddings: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens, return_hidden: bool = False):
+        if self.positions not in ("rope", "learned"):
+            raise ValueError(f"positions={self.positions!r} is not 'rope' or "
+                             "'learned'.")
+        if self.d_model % self.num_heads or (
+                self.positions == "rope" and (self.d_model // self.num_heads) % 2):
+            raise ValueError(f"d_model={self.d_model} must split into "
+                             f"num_heads={self.num_heads} heads (of even size for "
+                             "rope).")
+        seq = tokens.shape[-1]
+        # GPT-2's N(0, 0.02) init for embeddings and head: initial logits near 0, so
+        # the initial loss is about log(num_outputs).
+        init = nn.initializers.normal(stddev=0.02)
+        embed = nn.Embed(self.num_outputs, self.d_model, dtype=self.dtype,
+                         param_dtype=jnp.float32, embedding_init=init, name="embed")
+        x = embed(tokens)
+        if self.positions == "learned":
+            if seq > self.max_len:
+                raise ValueError(f"sequence length {seq} exceeds max_len="
+                                 f"{self.max_len} of the learned positions.")
+            pos = self.param("pos_embed", init, (self.max_len, self.d_model),
+                             jnp.float32)
+            x = x + pos[:seq].astype(self.dtype)
+        for i in range(self.num_layers):
+            x = _DecoderBlock(self.num_heads, self.mlp_dim or 4 * self.d_model,
+                              rope=self.positions == "rope", dtype=self.dtype,
+                              name=f"block_{i}")(x)
+        x = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name="ln_final")(x)
+        if self.tie_embeddings:
+            kernel = embed.embedding.T
+        else:
+            kernel = self.param("head", init, (self.d_model, self.num_outputs),
+                                jnp.float32)
+        kernel = kernel.astype(self.dtype)
+        if return_hidden:
+            return x, kernel
+        return jnp.einsum("...d,dv->...v", x, kernel)
+
+
+MODELS["transformer"] = Transformer
