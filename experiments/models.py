@@ -95,6 +95,52 @@ class Constant(nn.Module):
 MODELS = {"cnn": CNN, "bag_of_ngrams": BagOfNgrams, "mlp": MLP, "constant": Constant}
 
 
+class SpeechConv(nn.Module):
+    """1-D convolutions over log-mel frames and a per-frame character head, for CTC.
+
+    Input: float `[batch, frames, features]`. Output: logits `[batch, frames',
+    num_outputs]` with `frames' = ceil(frames / time_stride)`: the first convolution
+    strides over time (fewer CTC frames, still more than the characters), the rest
+    are residual, dilated to widen the context to about a word. Convolutions only:
+    fast on CPU, and padded frames (zeros, the standardized mean) reach a valid frame
+    only through the `SAME` padding any utterance end sees anyway.
+    """
+
+    num_outputs: int
+    features: int = 128
+    num_layers: int = 4
+    kernel_size: int = 5
+    stride: int = 2
+    dilations: tuple[int, ...] = (1, 2, 4)  # cycled over the residual layers
+    dtype: Any = jnp.float32
+
+    @property
+    def time_stride(self) -> int:
+        return self.stride
+
+    def output_lengths(self, lengths):
+        """Valid output frames of inputs with `lengths` valid frames (ceil division)."""
+        return (lengths + self.stride - 1) // self.stride
+
+    @nn.compact
+    def __call__(self, x):
+        def conv(h, **kw):
+            return nn.Conv(self.features, (self.kernel_size,), padding="SAME",
+                           dtype=self.dtype, param_dtype=jnp.float32, **kw)(h)
+
+        def norm(h):
+            return nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32)(h)
+
+        x = nn.gelu(norm(conv(x.astype(self.dtype), strides=(self.stride,))))
+        for i in range(self.num_layers - 1):
+            d = self.dilations[i % len(self.dilations)]
+            x = x + nn.gelu(norm(conv(x, kernel_dilation=(d,))))
+        return nn.Dense(self.num_outputs, dtype=self.dtype, param_dtype=jnp.float32)(x)
+
+
+MODELS["speech_conv"] = SpeechConv
+
+
 def create(name: str, *, num_outputs: int, dtype, **kwargs) -> nn.Module:
     """The model class `name` built with `kwargs` (tuples for list-valued fields)."""
     if name not in MODELS:
@@ -146,8 +192,7 @@ class _DecoderBlock(nn.Module):
         q, k, v = (dense(heads, n)(h) for n in ("query", "key", "value"))
         if self.rope:
             q, k = _rope(q), _rope(k)
-        # Softmax in float32 inside, also for bf16 inputs; a fused kernel where the
-        # backend has one.
+        # jax's reference attention: softmax in float32 also for bf16 inputs.
         a = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         x = x + dense(d, "attn_out", axis=(-2, -1))(a)
         h = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name="ln_mlp")(x)
