@@ -3,7 +3,7 @@
     python -m benchmarks.fused_ce                  # CPU shapes, 3 processes per case
     python -m benchmarks.fused_ce --processes 1    # one process per case (quicker)
     python -m benchmarks.fused_ce --gemma          # Gemma-2-2B's head (for a GPU)
-    python -m benchmarks.fused_ce --only f32-N4096 # a subset (substrings of case names)
+    python -m benchmarks.fused_ce --only f32-N4096-d1024-V32768  # one shape
 
 Implementations, each as loss + gradient (w.r.t. hidden and kernel) and loss only, mean
 over tokens:
