@@ -9,8 +9,8 @@ steps: seconds, for the tests), `tasks=digits+text` (a subset), `seeds=3`.
 
 A scenario is one entry of `config.scenarios`: the config module that defines the task
 (with its own `LOSSES` table, `METRIC` and `MODE`), the loss labels to compare, and
-overrides for its config. Speech recognition with CTC or language modelling with the
-fused cross-entropy plug in as new entries once their config modules exist.
+overrides for its config. Language modelling with the fused cross-entropy plugs in as
+a new entry once its config module exists.
 """
 
 import importlib
@@ -24,6 +24,7 @@ SCENARIOS = {
     "digits": ("configs.digits", "Image classification (digits, CNN)"),
     "text": ("configs.text", "Text classification (stdlib docstrings)"),
     "regression": ("configs.regression", "Regression (diabetes, MLP)"),
+    "asr": ("configs.asr", "Speech recognition (espeak-ng words, conv + CTC)"),
 }
 
 

@@ -5,6 +5,9 @@
   the package they come from (read with `ast` from the interpreter's own `Lib/`, never
   imported, so the text is exactly what ships with the Python that runs the code).
 - `diabetes`: scikit-learn's diabetes regression data (442 patients, 10 features).
+- `spoken_words`: spoken digit and command-word sequences synthesized with espeak-ng
+  (`experiments/asr_data.py`), log-mel frames and character targets for CTC; the
+  only data set generated locally, cached in the `cache_dir` the trainer passes.
 
 Each loader returns a `Dataset` of NumPy arrays with explicit dtypes (float32 inputs,
 int32 labels, float32 targets), so switching `jax_enable_x64` on changes nothing.
@@ -24,6 +27,7 @@ import functools
 import pathlib
 import re
 import sysconfig
+import tempfile
 import zlib
 
 import numpy as np
@@ -46,6 +50,9 @@ class Dataset:
         reported in the original units by undoing it. (0, 1) for classification.
       class_names: the label names, for reports.
       description: one line for reports.
+      x_train_lengths, x_test_lengths, y_train_lengths, y_test_lengths: int32 `[n]`
+        valid frames and labels per example, for sequence data (`x` `[n, frames,
+        features]`, `y` `[n, max_labels]` padded with -1); None otherwise.
     """
 
     name: str
@@ -57,6 +64,17 @@ class Dataset:
     target_scale: tuple[float, float] = (0.0, 1.0)
     class_names: tuple[str, ...] = ()
     description: str = ""
+    x_train_lengths: np.ndarray | None = None
+    y_train_lengths: np.ndarray | None = None
+    x_test_lengths: np.ndarray | None = None
+    y_test_lengths: np.ndarray | None = None
+
+    def arrays(self, split: str) -> dict[str, np.ndarray]:
+        """The batchable arrays of `split` ("train" or "test"): x, y and any lengths."""
+        arrays = {"x": getattr(self, f"x_{split}"), "y": getattr(self, f"y_{split}"),
+                  "x_lengths": getattr(self, f"x_{split}_lengths"),
+                  "y_lengths": getattr(self, f"y_{split}_lengths")}
+        return {k: v for k, v in arrays.items() if v is not None}
 
     @property
     def num_train(self) -> int:
@@ -173,9 +191,46 @@ def stdlib_docs(num_buckets: int = 8192, max_len: int = 128,
     )
 
 
-def load(name: str, **kwargs) -> Dataset:
-    """The data set called `name` ("digits", "stdlib_docs", "diabetes")."""
-    loaders = {"digits": digits, "stdlib_docs": stdlib_docs, "diabetes": diabetes}
+# --- speech -------------------------------------------------------------------------
+
+# In-process memo of the speech data by generation parameters (not by cache_dir), so
+# the runs of a study generate or read it once.
+_SPOKEN: dict = {}
+
+
+def spoken_words(cache_dir=None, *, num_train: int = 2000, num_test: int = 400,
+                 max_words: int = 4, seed: int = 0) -> Dataset:
+    """espeak-ng utterances as log-mel frames and character ids, split by voice.
+
+    Generated on first use into `cache_dir` (the trainer passes `<workdir>/data`;
+    None: a temporary directory, so only this process's memo keeps it). Raises
+    `asr_data.EspeakNotFoundError`, saying how to install espeak-ng, if it is missing.
+    """
+    from experiments import asr_data
+
+    key = (num_train, num_test, max_words, seed)
+    if key not in _SPOKEN:
+        with tempfile.TemporaryDirectory() as tmp:
+            d = asr_data.load(tmp if cache_dir is None else cache_dir,
+                              num_train=num_train, num_test=num_test,
+                              max_words=max_words, seed=seed)
+        _SPOKEN[key] = Dataset(
+            name="spoken_words", x_train=d.x_train, y_train=d.y_train,
+            x_test=d.x_test, y_test=d.y_test, num_classes=d.num_classes,
+            class_names=asr_data.CHARS,
+            description=(f"espeak-ng spoken sequences of 1-{max_words} words from "
+                         f"{len(asr_data.WORDS)}, log-mel frames, characters; test "
+                         f"voices unseen in training"),
+            x_train_lengths=d.x_train_lengths, y_train_lengths=d.y_train_lengths,
+            x_test_lengths=d.x_test_lengths, y_test_lengths=d.y_test_lengths)
+    return _SPOKEN[key]
+
+
+def load(name: str, *, cache_dir=None, **kwargs) -> Dataset:
+    """The data set called `name` ("digits", "stdlib_docs", "diabetes",
+    "spoken_words"); `cache_dir` is where generated data sets are cached."""
+    loaders = {"digits": digits, "stdlib_docs": stdlib_docs, "diabetes": diabetes,
+               "spoken_words": functools.partial(spoken_words, cache_dir)}
     if name not in loaders:
         raise ValueError(f"unknown data set {name!r}; valid: {', '.join(loaders)}")
     return loaders[name](**kwargs)

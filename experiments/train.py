@@ -71,7 +71,7 @@ _SCHEMA: dict[str, Any] = {
     "seed": int, "num_train_steps": int, "batch_size": int,
     "log_every_steps": int, "eval_every_steps": int, "checkpoint_every_steps": int,
     "keep_checkpoints": int, "parallel": str, "dtype": str, "checks": bool,
-    "init_from": str, "progress_bar": bool,
+    "init_from": str, "progress_bar": bool, "beam_width": int,
     "data": {"name": str, "kwargs": None},
     "model": {"name": str, "kwargs": None},
     "loss": {"name": str, "kwargs": None, "target": str},
@@ -84,14 +84,14 @@ _REQUIRED = ("seed", "num_train_steps", "batch_size", "log_every_steps",
              "optimizer.name", "optimizer.learning_rate", "parallel", "dtype",
              "checks", "data.name", "model.name")
 _DEFAULTS = {
-    "keep_checkpoints": 3, "init_from": "", "progress_bar": True,
+    "keep_checkpoints": 3, "init_from": "", "progress_bar": True, "beam_width": 8,
     "data.kwargs": {}, "model.kwargs": {}, "loss.target": "labels",
     "optimizer.schedule": "constant", "optimizer.warmup_steps": 0,
     "optimizer.weight_decay": 0.0, "optimizer.momentum": 0.9,
     "optimizer.grad_clip": 0.0,
 }
 # How model outputs and data labels are fed to the loss (see `apply_loss`).
-LOSS_TARGETS = ("labels", "one_hot", "value", "mean_variance")
+LOSS_TARGETS = ("labels", "one_hot", "value", "mean_variance", "ctc")
 _PARALLEL = ("jit", "pmap")
 _DTYPES = ("float32", "bfloat16")
 _OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -153,7 +153,8 @@ def validate_config(config: mlc.ConfigDict) -> dict[str, Any]:
                 f"config.loss.kwargs.{key}: {flat['loss.name']} has no keyword "
                 f"{key!r} the trainer may set; valid: {', '.join(keywords)}.")
     for name in ("num_train_steps", "batch_size", "log_every_steps",
-                 "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+                 "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                 "beam_width"):
         if flat[name] <= 0:
             raise ValueError(f"config.{name} must be positive, got {flat[name]}.")
     return flat
@@ -172,6 +173,12 @@ class Task:
     loss_target: str
     num_classes: int  # 0 for regression
     axis_name: str | None = None  # set on the pmap path
+    beam_width: int = 8  # CTC beam search at evaluation
+
+    @property
+    def is_sequence(self) -> bool:
+        """Sequence transcription (CTC): per-frame outputs, no per-example class."""
+        return self.loss_target == "ctc"
 
 
 def make_optimizer(opt: dict[str, Any], num_train_steps: int):
@@ -191,14 +198,28 @@ def make_optimizer(opt: dict[str, Any], num_train_steps: int):
     return tx
 
 
-def apply_loss(task: Task, outputs: jax.Array, y: jax.Array, **kwargs) -> jax.Array:
-    """The configured loss of model `outputs` against the batch's labels or targets.
+def targets(batch: dict):
+    """What the loss compares the outputs with: `batch["y"]`, or for sequence data
+    the tuple (input frame lengths, labels, label lengths)."""
+    if "y_lengths" in batch:
+        return batch["x_lengths"], batch["y"], batch["y_lengths"]
+    return batch["y"]
+
+
+def apply_loss(task: Task, outputs: jax.Array, y, **kwargs) -> jax.Array:
+    """The configured loss of model `outputs` against the batch's `targets(batch)`.
 
     `loss.target` says how: "labels" (integer class ids), "one_hot" (float one-hot
     targets, e.g. squared error on classes), "value" (outputs[:, 0] against float
     targets), "mean_variance" (outputs[:, 0] is the mean, softplus(outputs[:, 1]) the
-    variance, for a Gaussian negative log-likelihood).
+    variance, for a Gaussian negative log-likelihood), "ctc" (per-frame logits
+    `[batch, frames', classes]` against padded label sequences; the model's
+    `output_lengths` maps input frame lengths to logit lengths).
     """
+    if task.loss_target == "ctc":
+        frame_lengths, labels, label_lengths = y
+        return task.loss_fn(outputs, task.model.output_lengths(frame_lengths), labels,
+                            label_lengths, **kwargs)
     if task.loss_target == "labels":
         return task.loss_fn(outputs, y, **kwargs)
     if task.loss_target == "one_hot":
@@ -239,7 +260,7 @@ def train_step(state: dict, batch: dict, *, task: Task) -> tuple[dict, dict]:
     def loss_of(params):
         outputs = task.model.apply({"params": params}, batch["x"],
                                    rngs={"dropout": step_key})
-        return apply_loss(task, outputs, batch["y"]), outputs
+        return apply_loss(task, outputs, targets(batch)), outputs
 
     (loss, outputs), grads = jax.value_and_grad(loss_of, has_aux=True)(
         state["params"])
@@ -251,7 +272,7 @@ def train_step(state: dict, batch: dict, *, task: Task) -> tuple[dict, dict]:
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss.astype(jnp.float32),
                "grad_norm": optax.global_norm(grads).astype(jnp.float32)}
-    if task.num_classes:
+    if task.num_classes and not task.is_sequence:
         acc = jnp.mean(predictions(task, outputs) == batch["y"])
         if task.axis_name is not None:
             acc = lax.pmean(acc, task.axis_name)
@@ -262,11 +283,21 @@ def train_step(state: dict, batch: dict, *, task: Task) -> tuple[dict, dict]:
 
 
 def eval_step(params, batch: dict, *, task: Task, target_scale) -> dict:
-    """Test metrics over a padded batch; `batch["mask"]` marks the real examples."""
+    """Test metrics over a padded batch; `batch["mask"]` marks the real examples.
+
+    For CTC also the greedy and beam-search decodings (`(labels, lengths)` pairs),
+    scored on the host by `error_rates`.
+    """
     outputs = task.model.apply({"params": params}, batch["x"])
     mask = batch["mask"]
     n = jnp.sum(mask)
-    metrics = {"loss": apply_loss(task, outputs, batch["y"], where=mask)}
+    metrics = {"loss": apply_loss(task, outputs, targets(batch), where=mask)}
+    if task.is_sequence:
+        lengths = task.model.output_lengths(batch["x_lengths"])
+        metrics["greedy"] = lossjax.ctc_greedy_decode(outputs, lengths)
+        metrics["beam"] = lossjax.ctc_beam_search(outputs, lengths,
+                                                  beam_width=task.beam_width)
+        return metrics
     pred = predictions(task, outputs)
     if task.num_classes:
         metrics["accuracy"] = jnp.sum(jnp.where(mask, pred == batch["y"], False)) / n
@@ -276,6 +307,37 @@ def eval_step(params, batch: dict, *, task: Task, target_scale) -> dict:
         metrics["mae"] = jnp.sum(jnp.where(mask, jnp.abs(err), 0)) / n
         metrics["rmse"] = jnp.sqrt(jnp.sum(jnp.where(mask, err**2, 0)) / n)
     return metrics
+
+
+def edit_distance(a, b) -> int:
+    """Levenshtein distance between two sequences (one DP row, on the host)."""
+    row = np.arange(len(b) + 1)
+    for i, x in enumerate(a, 1):
+        diag, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            diag, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diag + (x != y))
+    return int(row[-1])
+
+
+def error_rates(decoded, labels, label_lengths, space_id: int = 1) -> dict:
+    """Character and word error rates of CTC decodings (host NumPy).
+
+    Total edits over total reference characters (or words, split at `space_id`),
+    corpus-level as speech toolkits report them; can exceed 1 (insertions).
+    """
+    def words(ids):
+        return [w for w in bytes(np.asarray(ids, np.uint8)).split(bytes([space_id]))
+                if w]
+
+    edits = {"cer": 0, "wer": 0}
+    totals = {"cer": 0, "wer": 0}
+    for h, hl, r, rl in zip(*decoded, labels, label_lengths):
+        hyp, ref = h[:hl], r[:rl]
+        edits["cer"] += edit_distance(hyp, ref)
+        totals["cer"] += len(ref)
+        edits["wer"] += edit_distance(words(hyp), words(ref))
+        totals["wer"] += len(words(ref))
+    return {k: edits[k] / max(totals[k], 1) for k in edits}
 
 
 # --- state and sharding -------------------------------------------------------------
@@ -466,7 +528,7 @@ def build_task(config: mlc.ConfigDict | None, dataset: data_lib.Dataset,
                                 **dict(flat["loss.kwargs"]))
     return Task(model=model, tx=make_optimizer(opt, flat["num_train_steps"]),
                 loss_fn=loss_fn, loss_target=flat["loss.target"],
-                num_classes=dataset.num_classes)
+                num_classes=dataset.num_classes, beam_width=flat["beam_width"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -540,7 +602,9 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
 
-    dataset = data_lib.load(flat["data.name"], **dict(flat["data.kwargs"]))
+    # Data sets generated on first use (speech) are cached in the workdir.
+    dataset = data_lib.load(flat["data.name"], cache_dir=workdir / "data",
+                            **dict(flat["data.kwargs"]))
     seed, num_steps = flat["seed"], flat["num_train_steps"]
     batch_size = flat["batch_size"]
     num_devices = jax.device_count()
@@ -581,22 +645,25 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
     eval_fn = programs.eval
     pad = -dataset.num_test % num_devices
     test = global_batch({
-        "x": np.concatenate([dataset.x_test,
-                             np.zeros((pad,) + dataset.x_test.shape[1:],
-                                      dataset.x_test.dtype)]),
-        "y": np.concatenate([dataset.y_test, np.zeros(pad, dataset.y_test.dtype)]),
+        **{k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+           for k, v in dataset.arrays("test").items()},
         "mask": np.arange(dataset.num_test + pad) < dataset.num_test,
     }, data_sharding)
 
     def evaluate(state):
         params = compiled.to_saved(state)["params"]
         metrics = _to_host(eval_fn(params, test))
+        for name in ("greedy", "beam"):  # CTC decodings: error rates on the host
+            if name in metrics:
+                decoded = [x[:dataset.num_test] for x in metrics.pop(name)]
+                rates = error_rates(decoded, dataset.y_test, dataset.y_test_lengths)
+                metrics |= {f"{k}_{name}": v for k, v in rates.items()}
         return {f"test/{k}": float(v) for k, v in metrics.items()}
 
     def batch_of(step):
         idx = data_lib.batch_indices(seed, step, dataset.num_train, batch_size)
-        return compiled.put_batch({"x": dataset.x_train[idx],
-                                   "y": dataset.y_train[idx]})
+        return compiled.put_batch({k: v[idx]
+                                   for k, v in dataset.arrays("train").items()})
 
     writer = _MetricWriter(workdir / "metrics.jsonl", start_step)
     log_every, eval_every = flat["log_every_steps"], flat["eval_every_steps"]

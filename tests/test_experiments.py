@@ -372,16 +372,17 @@ def test_study_smoke_writes_report_tables_and_plots(tmp_path):
     train._PROGRAMS.clear()
     before = train.TRACE_COUNT["train_step"]
     tables = study.run_study(config, str(tmp_path))
-    # 3 tasks x 2 losses x 2 seeds; the seeds of a loss share one compilation.
+    # 3 tasks x 2 losses x 2 seeds + asr's one loss x 2 seeds; the seeds of a loss
+    # share one compilation.
     records = json.loads((tmp_path / "results.json").read_text())
-    assert len(records) == 12
-    assert train.TRACE_COUNT["train_step"] - before == 6
+    assert len(records) == 14
+    assert train.TRACE_COUNT["train_step"] - before == 7
     report = (tmp_path / "report.md").read_text()
-    for task in ("digits", "text", "regression"):
+    for task in ("digits", "text", "regression", "asr"):
         png = (tmp_path / f"{task}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
         assert f"![{task}]({task}.png)" in report
-    assert report.count(" wins on ") == 3
+    assert report.count(" wins on ") == 3  # asr has one loss: no contest
     assert "## Appendix" in report and "### Caveats" in report
     for label in ("cross_entropy", "label_smoothing", "squared_error",
                   "absolute_error"):
@@ -396,3 +397,52 @@ def test_study_smoke_writes_report_tables_and_plots(tmp_path):
     again = json.loads((tmp_path / "results.json").read_text())
     assert train.TRACE_COUNT["train_step"] == before
     assert [r["summary"] for r in again] == [r["summary"] for r in records]
+
+
+# --- speech recognition (CTC) ---------------------------------------------------------
+
+
+def test_error_rates_known_answers():
+    enc = lambda s: np.array([" abcdefghijklmnopqrstuvwxyz".index(c) + 1 for c in s],
+                             np.int32)
+    refs = ["one two", "go", "up"]
+    hyps = ["one too", "", "up up"]  # a substitution, a deletion, an insertion
+    pad = lambda xs: np.stack([np.pad(x, (0, 8 - len(x)), constant_values=-1)
+                               for x in xs])
+    rates = train.error_rates(
+        (pad([enc(h) for h in hyps]), np.array([len(h) for h in hyps])),
+        pad([enc(r) for r in refs]), np.array([len(r) for r in refs]))
+    # Characters: 1 + 2 + 3 edits over 7 + 2 + 2; words: 1 + 1 + 1 over 2 + 1 + 1.
+    assert rates == {"cer": 6 / 11, "wer": 3 / 4}
+    assert train.edit_distance("kitten", "sitting") == 3
+
+
+def test_asr_smoke_run_loss_falls_and_reports_error_rates(tmp_path):
+    from configs import asr
+    from experiments import models
+
+    assert "experiments.main" in asr.__doc__ and ":smoke" in asr.__doc__
+    for label, spec in asr.LOSSES.items():
+        assert spec["name"] in lossjax.LOSSES
+        train.validate_config(asr.get_config(f"loss={label}"))
+    data_lib._SPOKEN.clear()  # generate it now, into this workdir
+    summary = train.train_and_evaluate(smoke_config("asr"), str(tmp_path))
+    assert list((tmp_path / "data").glob("asr_*.npz"))
+    ds = data_lib.load("spoken_words", **asr.get_config("smoke").data.kwargs)
+    assert ds.x_train.dtype == np.float32 and ds.x_train.ndim == 3
+    assert ds.y_train.dtype == np.int32 and np.all(ds.y_train[:, 0] > 0)
+    assert np.all(ds.y_train_lengths == np.sum(ds.y_train >= 0, axis=1))
+    # The model's logit lengths match its output frames (stride 2: ceil(T / 2)).
+    model = models.create("speech_conv", num_outputs=ds.num_classes,
+                          dtype="float32", features=8, num_layers=2, stride=2)
+    x = ds.x_train[:2, :41]
+    logits = model.apply(model.init(jax.random.key(0), x), x)
+    assert logits.shape == (2, 21, ds.num_classes)
+    np.testing.assert_array_equal(model.output_lengths(np.array([41, 40, 1])),
+                                  [21, 20, 1])
+    losses = [v for _, v in read_metrics(tmp_path)]
+    assert summary["step"] == 40 and np.all(np.isfinite(losses))
+    assert np.mean(losses[-2:]) < 0.5 * losses[0], losses
+    for key in ("cer_greedy", "wer_greedy", "cer_beam", "wer_beam"):
+        assert 0.0 <= summary[f"test/{key}"] <= 2.0, (key, summary)
+    assert "test/accuracy" not in summary
