@@ -102,8 +102,10 @@ class SpeechConv(nn.Module):
     num_outputs]` with `frames' = ceil(frames / time_stride)`: the first convolution
     strides over time (fewer CTC frames, still more than the characters), the rest
     are residual, dilated to widen the context to about a word. Convolutions only:
-    fast on CPU, and padded frames (zeros, the standardized mean) reach a valid frame
-    only through the `SAME` padding any utterance end sees anyway.
+    fast on CPU. Padding frames (all features exactly zero) are zeroed after every
+    layer: valid frames then see zeros past the end whatever the padded length, and
+    no gradient reaches the LayerNorm of a zero vector (its Jacobian is
+    1/sqrt(epsilon), a million-fold gradient at initialization).
     """
 
     num_outputs: int
@@ -131,10 +133,13 @@ class SpeechConv(nn.Module):
         def norm(h):
             return nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32)(h)
 
-        x = nn.gelu(norm(conv(x.astype(self.dtype), strides=(self.stride,))))
+        # Output frame t sees input frame t * stride: valid iff t < output_lengths.
+        valid = jnp.any(x != 0, axis=-1, keepdims=True)[:, ::self.stride]
+        valid = valid.astype(self.dtype)
+        x = nn.gelu(norm(conv(x.astype(self.dtype), strides=(self.stride,)))) * valid
         for i in range(self.num_layers - 1):
             d = self.dilations[i % len(self.dilations)]
-            x = x + nn.gelu(norm(conv(x, kernel_dilation=(d,))))
+            x = x + nn.gelu(norm(conv(x, kernel_dilation=(d,)))) * valid
         return nn.Dense(self.num_outputs, dtype=self.dtype, param_dtype=jnp.float32)(x)
 
 
