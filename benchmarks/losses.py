@@ -20,6 +20,9 @@ from benchmarks import common
 # Classification inputs [rows, classes]; elementwise inputs [rows * classes].
 ROWS, CLASSES = 4096, 512
 ELEMENTS = ROWS * CLASSES
+# Each call takes about a millisecond, where scheduler noise on a small machine is large:
+# many timed calls per process keep the median steady.
+REPEATS = 31
 
 
 def _inputs(kind: str):
@@ -117,8 +120,8 @@ def _measure_jax(fn, inputs):
     forward = jax.jit(fn)
     grad = jax.jit(jax.grad(fn))
     return {
-        "forward_ms": 1e3 * common.median_time(lambda: forward(*args)),
-        "grad_ms": 1e3 * common.median_time(lambda: grad(*args)),
+        "forward_ms": 1e3 * common.median_time(lambda: forward(*args), repeats=REPEATS),
+        "grad_ms": 1e3 * common.median_time(lambda: grad(*args), repeats=REPEATS),
     }
 
 
@@ -138,8 +141,8 @@ def _measure_torch(fn, inputs):
         return x.grad
 
     return {
-        "forward_ms": 1e3 * common.median_time(forward),
-        "grad_ms": 1e3 * common.median_time(grad),
+        "forward_ms": 1e3 * common.median_time(forward, repeats=REPEATS),
+        "grad_ms": 1e3 * common.median_time(grad, repeats=REPEATS),
     }
 
 

@@ -52,8 +52,9 @@ def _task_config(scen: mlc.ConfigDict, label: str, seed: int, smoke: bool):
     return module, config
 
 
-def _setup_lines(config: mlc.ConfigDict) -> list[str]:
-    ds = data_lib.load(config.data.name, **config.data.kwargs.to_dict())
+def _setup_lines(config: mlc.ConfigDict, cache_dir: pathlib.Path) -> list[str]:
+    ds = data_lib.load(config.data.name, cache_dir=cache_dir,
+                       **config.data.kwargs.to_dict())
     task = train.build_task(config, ds)
     abstract = jax.eval_shape(functools.partial(train.init_state, task, 0,
                                                   ds.x_train[:1]))
@@ -94,7 +95,7 @@ def run_study(config: mlc.ConfigDict, workdir: str) -> str:
             _, cfg0 = _task_config(scen, scen.losses[0], 0, config.smoke)
             arg = f"loss=<label>{',smoke' if config.smoke else ''}"
             tasks[name] = {"title": scen.title, "metric": scen.metric,
-                           "mode": scen.mode, "setup": _setup_lines(cfg0),
+                           "mode": scen.mode, "setup": _setup_lines(cfg0, workdir / "data"),
                            "command": f"--config={scen.config.replace('.', '/')}"
                                       f".py:{arg}"}
     records, failed = [], []
