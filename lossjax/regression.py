@@ -186,10 +186,10 @@ def huber_loss(
     _check_positive("delta", delta, allow_zero=False)
     p, t, kept = _setup("huber_loss", predictions, targets, where)
     a = jnp.abs(p - t)
-    # The quadratic piece is evaluated on min(a, delta) so its value never grows
-    # beyond delta**2 / 2 in the unselected branch.
+    # Branch-free (optax's form): with q = min(a, delta), q^2 / 2 + delta (a - q) is
+    # a^2 / 2 below delta and delta (a - delta / 2) above, with no select to evaluate.
     quad = jnp.minimum(a, delta)
-    loss = jnp.where(a < delta, 0.5 * quad**2, delta * (a - 0.5 * delta))
+    loss = 0.5 * quad**2 + delta * (a - quad)
     return reduce_loss(loss, kept=kept, weights=weights, reduction=reduction)
 
 
@@ -258,9 +258,10 @@ def log_cosh(
     A smooth (infinitely differentiable) alternative to `huber_loss` with no
     threshold to tune; the gradient is `tanh(p - t)`. Keras `LogCosh` and
     `optax.losses.log_cosh` compute the same value per entry (Keras then averages the
-    last axis). Computed as `log1p(2 sinh(x/2)^2)` for |x| < 10 (exact near 0) and
-    `|x| + softplus(-2|x|) - log 2` beyond, which is finite at any finite `x`, where
-    `log(cosh(x))` overflows beyond |x| ~ 89 in float32.
+    last axis). Computed as `log1p(u^2 / (2 (1 + u)))` with `u = expm1(|x|)` for
+    |x| < 10 (exact near 0, where optax's softplus form loses digits) and `|x| - log 2`
+    beyond, which is finite at any finite `x`, where `log(cosh(x))` overflows beyond
+    |x| ~ 89 in float32.
 
     .. math::
         \ell = \log\cosh(p - t) = |x| + \log(1 + e^{-2|x|}) - \log 2,\quad x = p - t
@@ -285,16 +286,16 @@ def log_cosh(
     """
     p, t, kept = _setup("log_cosh", predictions, targets, where)
     a = jnp.abs(p - t)
-    # Near 0, log1p(2 sinh(a/2)^2) is exact where the softplus form cancels (its
-    # 1e-3 value would be 7% off in float32); far out, the softplus form is finite
-    # where sinh overflows. Each branch sees only its own range of `a`.
-    small = a < 10.0
-    a_small = jnp.minimum(a, 10.0)
-    a_large = jnp.maximum(a, 10.0)
+    # log cosh a = log1p(cosh a - 1), with cosh a - 1 = u^2 / (2 (1 + u)), u = expm1(a):
+    # exact near 0, where the softplus form cancels (its 1e-3 value would be 7% off in
+    # float32), and one expm1 + one log1p, as cheap as the softplus form. From a = 10
+    # on, log cosh a = a - log 2 + log1p(e^-2a) and the last term (< 2.1e-9) is below
+    # float32 resolution; clamping `a` keeps the unused branch (and its gradient) finite.
+    u = jnp.expm1(jnp.minimum(a, 10.0))
     loss = jnp.where(
-        small,
-        jnp.log1p(2.0 * jnp.sinh(0.5 * a_small) ** 2),
-        a_large + jax.nn.softplus(-2.0 * a_large) - math.log(2.0),
+        a < 10.0,
+        jnp.log1p(u * u / (2.0 * (1.0 + u))),
+        jnp.maximum(a, 10.0) - math.log(2.0),
     )
     return reduce_loss(loss, kept=kept, weights=weights, reduction=reduction)
 
