@@ -28,10 +28,22 @@ def block(x):
     return jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
 
 
-def median_time(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2) -> float:
-    """Median wall time in seconds of `fn()`, after `warmup` calls (compilation)."""
-    for _ in range(warmup):
+def median_time(
+    fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2,
+    warmup_seconds: float = 0.3,
+) -> float:
+    """Median wall time in seconds of `fn()`, after warming up.
+
+    Warm-up is at least `warmup` calls (compilation) and at least `warmup_seconds`:
+    the first few hundred milliseconds of a fresh process run measurably slower (thread
+    pools and clocks spinning up; seen as 2x on millisecond calls), whichever
+    implementation comes first.
+    """
+    start = time.perf_counter()
+    calls = 0
+    while calls < warmup or time.perf_counter() - start < warmup_seconds:
         block(fn())
+        calls += 1
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
