@@ -9,7 +9,7 @@ first use (about a minute on 2 cores) and cached in `<workdir>/data`. Needs espe
 (`sudo apt-get install -y espeak-ng`; `launch.sh` installs it).
 
     ./launch.sh cpu experiments.main --config=configs/asr.py --workdir=runs/asr
-    python -m experiments.main --config=configs/asr.py:smoke --workdir=/tmp/asr
+    python -m experiments.main --config=configs/asr.py:smoke --workdir=runs/asr_smoke
 
 Arguments (comma string after `:`): `loss=<label>`, `smoke` (a few dozen utterances
 and steps: seconds). Override any field, e.g. `--config.beam_width=16`.

@@ -2,7 +2,7 @@
 
     ./launch.sh        # = python -m experiments.study --config=configs/study.py \
                        #       --workdir=runs/study
-    python -m experiments.study --config=configs/study.py:smoke --workdir=/tmp/study
+    python -m experiments.study --config=configs/study.py:smoke --workdir=runs/study_smoke
 
 Arguments (comma string after `:`): `smoke` (2 losses per task, 2 seeds, a few
 steps: seconds, for the tests), `tasks=digits+text` (a subset), `seeds=3`.

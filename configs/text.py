@@ -6,7 +6,7 @@ bag-of-n-grams model.
 
     ./launch.sh cpu experiments.main --config=configs/text.py:loss=focal_loss \
         --workdir=runs/text_focal
-    python -m experiments.main --config=configs/text.py:smoke --workdir=/tmp/text
+    python -m experiments.main --config=configs/text.py:smoke --workdir=runs/text_smoke
 
 Arguments (comma string after `:`): `loss=<label>`, `smoke`.
 """

@@ -9,7 +9,7 @@ test voices are never heard in training, so the error rates measure generalizati
 to new speakers. Targets are characters (`CHARS`, with the CTC blank at id 0).
 
     from experiments import asr_data
-    data = asr_data.load("/tmp/asr_cache", num_train=2000, num_test=400)
+    data = asr_data.load("runs/asr_cache", num_train=2000, num_test=400)
     data.x_train.shape   # [N, max_frames, num_mels] float32, zero-padded
     data.y_train.shape   # [N, max_label_len] int32, padded with -1
 

@@ -29,7 +29,7 @@ Tokenizing takes about 2 s on one core; `load` caches the result as .npz in
 files with their sizes, written atomically.
 
     from experiments import lm_data
-    data = lm_data.load("/tmp/lm_cache", vocab_size=32768, seq_len=256)
+    data = lm_data.load("runs/lm_cache", vocab_size=32768, seq_len=256)
     data.x_train.shape  # [num_windows, seq_len] int32 inputs
     data.y_train.shape  # [num_windows, seq_len] int32 next-token targets
     x, y = lm_data.batch(data.train_tokens, seed=0, step=7, batch_size=32,
