@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import references as ref
+from loss_cases import evaluate as _evaluate
+from loss_cases import jit_case as _jit
 import torch
 import torch.nn.functional as F
 from absl.testing import parameterized
@@ -120,7 +122,6 @@ FIRST_CASES = list({c.fn: c for c in reversed(CASES)}.values())[::-1]
 # same shapes share executables): eager dispatch compiles every primitive per shape.
 SHAPE = (5, 4)  # 5 distributions over 4 classes (transposed for axis-0 cases)
 EAGER_SHAPE = (3, 4, 2)
-_EVALUATE = {}
 
 
 def _shape(case, shape=SHAPE):
@@ -132,32 +133,9 @@ def _batch_axes(case):
     return (1, 0) if case.axis == 0 else (0, 0)
 
 
-def _evaluate(case):
-    """One compiled function: (data, **kw) -> ({reduction: loss}, grads of the mean).
-
-    The grads are w.r.t. every data argument; `kw` holds the array options (where=,
-    weights=). Tests in float32 pass both, so that they share one executable per shape.
-    """
-    if case.id not in _EVALUATE:
-
-        def run(data, **kw):
-            def loss(*a, reduction="mean"):
-                return case.fn(*a, **case.kwargs, **kw, reduction=reduction)
-
-            losses = {r: loss(*data, reduction=r) for r in REDUCTIONS}
-            return losses, jax.grad(loss, argnums=tuple(range(len(data))))(*data)
-
-        _EVALUATE[case.id] = jax.jit(run)
-    return _EVALUATE[case.id]
-
-
 def _all_kept(case, shape=SHAPE):
     lshape = case.loss_shape(_shape(case, shape))
     return {"where": np.ones(lshape, bool), "weights": np.ones(lshape, np.float32)}
-
-
-def _jit(case, **static):
-    return jax.jit(functools.partial(case.fn, **case.kwargs, **static))
 
 
 def _f32(data):

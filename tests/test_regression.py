@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import references as ref
+from loss_cases import evaluate as _evaluate
+from loss_cases import jit_case as _jit
 import torch
 import torch.nn.functional as F
 from absl.testing import parameterized
@@ -173,41 +175,16 @@ def _batch_axes(case):
 # shapes share executables); the eager runs (VariantsTest) share one shape.
 SHAPE = (5, 3)
 EAGER_SHAPE = (3, 5, 2)
-_EVALUATE = {}
 
 
 def _shape(case, shape=SHAPE):
     return shape[::-1] if case.axis == 0 else shape
 
 
-def _evaluate(case):
-    """One compiled function: (data, **kw) -> ({reduction: loss}, grads of the mean).
-
-    The grads are w.r.t. every data argument; `kw` holds the array options (where=,
-    weights=). Tests in float32 pass both, so that they share one executable per shape.
-    """
-    if case.id not in _EVALUATE:
-
-        def run(data, **kw):
-            def loss(*a, reduction="mean"):
-                return case.fn(*a, **case.kwargs, **kw, reduction=reduction)
-
-            losses = {r: loss(*data, reduction=r) for r in REDUCTIONS}
-            return losses, jax.grad(loss, argnums=tuple(range(len(data))))(*data)
-
-        _EVALUATE[case.id] = jax.jit(run)
-    return _EVALUATE[case.id]
-
-
 def _all_kept(case, shape=SHAPE):
     """where= and weights= that change nothing (float32 tests pass both, see above)."""
     lshape = case.loss_shape(_shape(case, shape))
     return {"where": np.ones(lshape, bool), "weights": np.ones(lshape, np.float32)}
-
-
-def _jit(case, **static):
-    """The case's loss, jitted, with its options and `static` bound."""
-    return jax.jit(functools.partial(case.fn, **case.kwargs, **static))
 
 
 # --- generic tests over the table -----------------------------------------------------
