@@ -8,6 +8,8 @@
 - `spoken_words`: spoken digit and command-word sequences synthesized with espeak-ng
   (`experiments/asr_data.py`), log-mel frames and character targets for CTC; the
   only data set generated locally, cached in the `cache_dir` the trainer passes.
+- `stdlib_lm`: next-token windows of CPython's standard-library source, word-level
+  tokens (`experiments/lm_data.py`), tokenized on first use and cached in `cache_dir`.
 
 Each loader returns a `Dataset` of NumPy arrays with explicit dtypes (float32 inputs,
 int32 labels, float32 targets), so switching `jax_enable_x64` on changes nothing.
@@ -226,11 +228,28 @@ def spoken_words(cache_dir=None, *, num_train: int = 2000, num_test: int = 400,
     return _SPOKEN[key]
 
 
+# In-process memo of the language-model data by their settings (as `_SPOKEN`).
+_LM: dict = {}
+
+
+def stdlib_lm(cache_dir=None, **kwargs) -> Dataset:
+    """`lm_data.load(cache_dir, **kwargs)`: `x_*` / `y_*` int32 `[n, seq_len]` windows
+    (`y` is `x` shifted by one token), `num_classes` the vocabulary size."""
+    from experiments import lm_data  # it imports this module
+
+    key = tuple(sorted(kwargs.items()))
+    if key not in _LM:
+        _LM[key] = lm_data.load(cache_dir, **kwargs)
+    return _LM[key]
+
+
 def load(name: str, *, cache_dir=None, **kwargs) -> Dataset:
     """The data set called `name` ("digits", "stdlib_docs", "diabetes",
-    "spoken_words"); `cache_dir` is where generated data sets are cached."""
+    "spoken_words", "stdlib_lm"); `cache_dir` is where generated data sets are
+    cached."""
     loaders = {"digits": digits, "stdlib_docs": stdlib_docs, "diabetes": diabetes,
-               "spoken_words": functools.partial(spoken_words, cache_dir)}
+               "spoken_words": functools.partial(spoken_words, cache_dir),
+               "stdlib_lm": functools.partial(stdlib_lm, cache_dir)}
     if name not in loaders:
         raise ValueError(f"unknown data set {name!r}; valid: {', '.join(loaders)}")
     return loaders[name](**kwargs)

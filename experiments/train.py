@@ -91,7 +91,10 @@ _DEFAULTS = {
     "optimizer.grad_clip": 0.0,
 }
 # How model outputs and data labels are fed to the loss (see `apply_loss`).
-LOSS_TARGETS = ("labels", "one_hot", "value", "mean_variance", "ctc")
+LOSS_TARGETS = ("labels", "one_hot", "value", "mean_variance", "ctc", "tokens")
+# Losses that take the model's final hidden states and head kernel instead of logits
+# (with target "tokens": the model is called with `return_hidden=True`).
+_FUSED_HEAD_LOSSES = ("linear_cross_entropy",)
 _PARALLEL = ("jit", "pmap")
 _DTYPES = ("float32", "bfloat16")
 _OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -174,6 +177,13 @@ class Task:
     num_classes: int  # 0 for regression
     axis_name: str | None = None  # set on the pmap path
     beam_width: int = 8  # CTC beam search at evaluation
+    return_hidden: bool = False  # model gives (hidden, kernel), not logits
+
+    def apply(self, params, x, **kwargs):
+        """The model's outputs: logits, or (hidden, kernel) for a fused-head loss."""
+        if self.return_hidden:
+            kwargs["return_hidden"] = True
+        return self.model.apply({"params": params}, x, **kwargs)
 
     @property
     def is_sequence(self) -> bool:
@@ -214,8 +224,18 @@ def apply_loss(task: Task, outputs: jax.Array, y, **kwargs) -> jax.Array:
     targets), "mean_variance" (outputs[:, 0] is the mean, softplus(outputs[:, 1]) the
     variance, for a Gaussian negative log-likelihood), "ctc" (per-frame logits
     `[batch, frames', classes]` against padded label sequences; the model's
-    `output_lengths` maps input frame lengths to logit lengths).
+    `output_lengths` maps input frame lengths to logit lengths), "tokens" (labels
+    `[batch, seq]`: logits `[batch, seq, vocab]`, or with `task.return_hidden` the
+    pair (hidden `[batch, seq, d]`, kernel `[d, vocab]`) for `linear_cross_entropy`).
     """
+    if task.loss_target == "tokens":
+        if kwargs.get("where") is not None:
+            # The per-example mask covers every token of its sequence.
+            kwargs["where"] = kwargs["where"][:, None]
+        if task.return_hidden:
+            hidden, kernel = outputs
+            return task.loss_fn(hidden, kernel, y, **kwargs)
+        return task.loss_fn(outputs, y, **kwargs)
     if task.loss_target == "ctc":
         frame_lengths, labels, label_lengths = y
         return task.loss_fn(outputs, task.model.output_lengths(frame_lengths), labels,
@@ -235,7 +255,10 @@ def apply_loss(task: Task, outputs: jax.Array, y, **kwargs) -> jax.Array:
 
 
 def predictions(task: Task, outputs: jax.Array) -> jax.Array:
-    """Class ids (classification) or the predicted value (regression)."""
+    """Class ids (classification, per token for "tokens") or the predicted value."""
+    if task.return_hidden:
+        hidden, kernel = outputs
+        outputs = jnp.einsum("...d,dv->...v", hidden, kernel)
     if task.num_classes:
         return jnp.argmax(outputs, axis=-1)
     return outputs[:, 0].astype(jnp.float32)
@@ -258,8 +281,7 @@ def train_step(state: dict, batch: dict, *, task: Task) -> tuple[dict, dict]:
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
     def loss_of(params):
-        outputs = task.model.apply({"params": params}, batch["x"],
-                                   rngs={"dropout": step_key})
+        outputs = task.apply(params, batch["x"], rngs={"dropout": step_key})
         return apply_loss(task, outputs, targets(batch)), outputs
 
     (loss, outputs), grads = jax.value_and_grad(loss_of, has_aux=True)(
@@ -272,7 +294,9 @@ def train_step(state: dict, batch: dict, *, task: Task) -> tuple[dict, dict]:
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss.astype(jnp.float32),
                "grad_norm": optax.global_norm(grads).astype(jnp.float32)}
-    if task.num_classes and not task.is_sequence:
+    # No training accuracy for "tokens": it would build the [batch, seq, vocab]
+    # logits that `linear_cross_entropy` avoids (the test accuracy is reported).
+    if task.num_classes and not task.is_sequence and task.loss_target != "tokens":
         acc = jnp.mean(predictions(task, outputs) == batch["y"])
         if task.axis_name is not None:
             acc = lax.pmean(acc, task.axis_name)
@@ -288,7 +312,7 @@ def eval_step(params, batch: dict, *, task: Task, target_scale) -> dict:
     For CTC also the greedy and beam-search decodings (`(labels, lengths)` pairs),
     scored on the host by `error_rates`.
     """
-    outputs = task.model.apply({"params": params}, batch["x"])
+    outputs = task.apply(params, batch["x"])
     mask = batch["mask"]
     n = jnp.sum(mask)
     metrics = {"loss": apply_loss(task, outputs, targets(batch), where=mask)}
@@ -299,7 +323,13 @@ def eval_step(params, batch: dict, *, task: Task, target_scale) -> dict:
                                                   beam_width=task.beam_width)
         return metrics
     pred = predictions(task, outputs)
-    if task.num_classes:
+    if task.loss_target == "tokens":
+        # Token accuracy over every position of the real sequences; exp of the mean
+        # per-token loss (the perplexity when the loss is plain cross-entropy).
+        hits = jnp.where(mask[:, None], pred == batch["y"], False)
+        metrics["accuracy"] = jnp.sum(hits) / (n * batch["y"].shape[1])
+        metrics["perplexity"] = jnp.exp(metrics["loss"])
+    elif task.num_classes:
         metrics["accuracy"] = jnp.sum(jnp.where(mask, pred == batch["y"], False)) / n
     else:
         # In the target's original units (the data were standardized for training).
@@ -528,7 +558,9 @@ def build_task(config: mlc.ConfigDict | None, dataset: data_lib.Dataset,
                                 **dict(flat["loss.kwargs"]))
     return Task(model=model, tx=make_optimizer(opt, flat["num_train_steps"]),
                 loss_fn=loss_fn, loss_target=flat["loss.target"],
-                num_classes=dataset.num_classes, beam_width=flat["beam_width"])
+                num_classes=dataset.num_classes, beam_width=flat["beam_width"],
+                return_hidden=(flat["loss.target"] == "tokens"
+                               and flat["loss.name"] in _FUSED_HEAD_LOSSES))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -446,3 +446,36 @@ def test_asr_smoke_run_loss_falls_and_reports_error_rates(tmp_path):
     for key in ("cer_greedy", "wer_greedy", "cer_beam", "wer_beam"):
         assert 0.0 <= summary[f"test/{key}"] <= 2.0, (key, summary)
     assert "test/accuracy" not in summary
+
+
+def test_lm_smoke_fused_loss_runs_and_matches_materialized_logits(tmp_path):
+    """`linear_cross_entropy` on (hidden, kernel) trains, and its first logged loss
+    equals `cross_entropy` on the materialized logits (same seed, params and batch)."""
+    from configs import lm
+
+    assert "experiments.main" in lm.__doc__ and ":smoke" in lm.__doc__
+    for label, spec in lm.LOSSES.items():
+        assert spec["name"] in lossjax.LOSSES
+        train.validate_config(lm.get_config(f"loss={label}"))
+    first = {}
+    for label in ("linear_cross_entropy", "cross_entropy"):
+        workdir = tmp_path / label
+        summary = train.train_and_evaluate(
+            smoke_config("lm", f"loss={label},smoke", log_every_steps=1),
+            str(workdir))
+        losses = read_metrics(workdir)
+        assert summary["step"] == 20 and len(losses) == 20
+        assert losses[0][0] == 1 and np.all(np.isfinite([v for _, v in losses]))
+        first[label] = losses[0][1]
+        if label == "linear_cross_entropy":
+            values = [v for _, v in losses]
+            assert np.mean(values[-3:]) < values[0] - 0.5, values
+            ds = data_lib.load("stdlib_lm", **lm.get_config("smoke").data.kwargs)
+            assert ds.x_train.dtype == np.int32 and ds.x_train.ndim == 2
+            # The initial loss is about log(vocab) (near-zero initial logits).
+            assert abs(values[0] - math.log(ds.num_classes)) < 0.1
+            assert 0.0 < summary["test/accuracy"] < 1.0
+            np.testing.assert_allclose(summary["test/perplexity"],
+                                       math.exp(summary["test/loss"]), rtol=1e-5)
+    np.testing.assert_allclose(first["linear_cross_entropy"], first["cross_entropy"],
+                               rtol=1e-4)
