@@ -18,12 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import references as ref
+from loss_cases import check_shard_map as _check_shard_map
 from loss_cases import evaluate as _evaluate
 from loss_cases import jit_case as _jit
 import torch
 import torch.nn.functional as F
 from absl.testing import parameterized
-from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
 
 import lossjax
@@ -335,24 +335,9 @@ def test_bfloat16(case):
 
 @pytest.mark.parametrize("case", FIRST_CASES, ids=repr)
 def test_shard_map_equals_batched_call(case):
-    """Per-device "none" losses under shard_map (batch sharded 8 ways), and the mean
-    from psums of the per-device sums and counts, equal the single-device call."""
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    shape = _shape(case, (8, 3))
-    data = _f32(_data(case, shape))
+    """Batch sharded 8 ways: per-device "none" and psum'ed mean equal one device."""
     data_axis, _ = _batch_axes(case)
-    spec = P(*[("data" if i == data_axis else None) for i in range(len(shape))])
-
-    def per_device(*a):
-        none = case.fn(*a, **case.kwargs, reduction="none")
-        total = jax.lax.psum(case.fn(*a, **case.kwargs, reduction="sum"), "data")
-        count = jax.lax.psum(none.size, "data")
-        return none, total / count
-
-    none, mean = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=spec,
-                                       out_specs=(P("data"), P())))(*data)
-    np.testing.assert_allclose(none, _jit(case, reduction="none")(*data), rtol=1e-6)
-    np.testing.assert_allclose(mean, _jit(case)(*data), rtol=1e-6)
+    _check_shard_map(case, _f32(_data(case, _shape(case, (8, 3)))), data_axis)
 
 
 class VariantsTest(chex.TestCase):
