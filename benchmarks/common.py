@@ -6,6 +6,13 @@ A benchmark module defines `CASES` (a list of case names) and `measure(case) -> 
 the module once per case and repetition in a fresh interpreter (`--case NAME`), so no
 case inherits another's compilation cache, allocator state or peak memory, and reports
 the median over processes.
+
+With `interleave=True`, cases that share a group (the part of the name before '/', e.g.
+the implementations of one loss) run in turns: process 1 of every case in the group,
+then process 2 in the reverse order, and so on. The cases of a group are then measured
+in the same minute of machine load, each repetition's `runs` entry can be compared with
+the other cases' entry of the same repetition (paired ratios), and a slow spell hits
+every case of the group rather than one of them.
 """
 
 from __future__ import annotations
@@ -76,6 +83,20 @@ def run_case_in_fresh_process(module: str, case: str, timeout: float) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _schedule(cases: Sequence[str], processes: int, interleave: bool):
+    """(case, repetition) pairs in the order their processes run."""
+    if not interleave:
+        return [(c, r) for c in cases for r in range(processes)]
+    groups: dict[str, list[str]] = {}
+    for c in cases:
+        groups.setdefault(c.split("/")[0], []).append(c)
+    order = []
+    for group in groups.values():
+        for r in range(processes):
+            order += [(c, r) for c in (group if r % 2 == 0 else group[::-1])]
+    return order
+
+
 def median_over_processes(results: Sequence[dict]) -> dict:
     """Per key, the median of the numeric values over the processes that produced it."""
     merged: dict = {}
@@ -104,12 +125,15 @@ def main(
     *,
     processes: int = 3,
     timeout: float = 600,
+    interleave: bool = False,
 ) -> list[dict] | None:
     """Entry point of a benchmark module.
 
     With `--case NAME`, measures that case here and prints its JSON. Otherwise runs
     every case (or those named with `--only`) in `processes` fresh interpreters each
-    and returns one merged result dict per case, with "case" set.
+    and returns one merged result dict per case, with "case" set. With `interleave`,
+    the processes of a group's cases alternate (see the module docstring) and each
+    merged dict also holds `runs`: the per-process dicts in repetition order.
     """
     parser = argparse.ArgumentParser(prog=f"python -m {module}")
     parser.add_argument("--case", help="measure one case in this process (JSON out)")
@@ -123,13 +147,17 @@ def main(
         return None
     only = set(args.only or ())
     selected = [c for c in cases if not only or c in only or c.split("/")[0] in only]
+    runs: dict[str, list[dict]] = {c: [] for c in selected}
     merged = []
-    for case in selected:
-        runs = [run_case_in_fresh_process(module, case, timeout)
-                for _ in range(args.processes)]
-        ok = [r for r in runs if "error" not in r]
-        result = median_over_processes(ok) if ok else runs[0]
+    for case, rep in _schedule(selected, args.processes, interleave):
+        runs[case].append(run_case_in_fresh_process(module, case, timeout))
+        if rep + 1 < args.processes:
+            continue
+        ok = [r for r in runs[case] if "error" not in r]
+        result = median_over_processes(ok) if ok else runs[case][0]
         result["case"] = case
-        merged.append(result)
         print(f"  {case}: {result}", file=sys.stderr, flush=True)
-    return merged
+        if interleave:
+            result["runs"] = runs[case]
+        merged.append(result)
+    return sorted(merged, key=lambda r: selected.index(r["case"]))
