@@ -37,6 +37,28 @@ def _pair_setup(loss: str, names: tuple[str, str], a, b, axis: int, where):
     return a, b, kept, kept_c
 
 
+@jax.custom_jvp
+def _kl_term(prob, log_t, log_q, pos):
+    """`prob * (log_t - log_q)` where `pos`, exactly 0 elsewhere.
+
+    Where `pos` is False the target probability `prob` is 0 and `log_q` may be -inf
+    (0 log 0 = 0). The rule below differentiates `log_q` as the plain product does,
+    `-prob * d log_q` with no mask (`prob` is already 0 there): the gradient with
+    respect to the log-predictions is then one multiply per class, as for an
+    unmasked KL, where differentiating the `where` would add selects on every class.
+    """
+    return jnp.where(pos, prob * (log_t - jnp.where(pos, log_q, 0.0)), 0.0)
+
+
+@_kl_term.defjvp
+def _kl_term_jvp(primals, tangents):
+    prob, log_t, log_q, pos = primals
+    d_prob, d_log_t, d_log_q, _ = tangents
+    diff = log_t - jnp.where(pos, log_q, 0.0)
+    value = jnp.where(pos, prob * diff, 0.0)
+    return value, jnp.where(pos, d_prob * diff + prob * d_log_t, 0.0) - prob * d_log_q
+
+
 def kl_divergence(
     log_predictions: jax.Array,
     targets: jax.Array,
@@ -112,21 +134,15 @@ def kl_divergence(
     dtype = compute_dtype(lp, t)
     lp = sanitize(lp, kept, 0, axis=-1).astype(dtype)
     t = sanitize(t, kept, 0, axis=-1).astype(dtype)
+    # Zero-probability classes take the constant 0 branch of `_kl_term`: their -inf
+    # logs (and the infinite slope of t log t at 0) reach neither value nor gradient.
     if log_targets:
         pos = t != -jnp.inf
-        safe_t = jnp.where(pos, t, 0.0)
-        prob, log_t = jnp.exp(safe_t), safe_t
-        bad = jnp.zeros(t.shape, bool)
+        term = _kl_term(jnp.exp(t), jnp.where(pos, t, 0.0), lp, pos)
     else:
-        pos = t > 0
-        safe_t = jnp.where(pos, t, 1.0)
-        prob, log_t = t, jnp.log(safe_t)
-        bad = ~(t >= 0)  # negative or NaN
-    # Zero-probability classes take the constant 0 branch: their -inf logs (and the
-    # infinite slope of t log t at 0) never reach the value or the gradient.
-    safe_lp = jnp.where(pos, lp, 0.0)
-    term = jnp.where(pos, prob * (log_t - safe_lp), 0.0)
-    term = jnp.where(bad, jnp.nan, term)
+        # A negative or NaN target gets a NaN log, so a NaN entry, with no select.
+        pos = t != 0
+        term = _kl_term(t, jnp.log(jnp.where(pos, t, 1.0)), lp, pos)
     return reduce_loss(jnp.sum(term, axis=-1), kept=kept, weights=weights,
                        reduction=reduction)
 

@@ -421,6 +421,23 @@ class TestKL:
                                        torch_value.item(), rtol=1e-12)
         np.testing.assert_array_equal(tl.grad.numpy(), g_log_q[1:])
 
+    def test_zero_log_targets_contribute_zero_with_finite_grads(self):
+        """-inf log-targets are zero probabilities, also against -inf predictions."""
+        log_q = np.log([[0.7, 0.3, 1.0], [0.2, 0.8, 1e-30]])
+        log_q[0, 2] = -np.inf
+        log_t = np.log([[0.5, 0.5, 1.0], [1.0, 1.0, 1.0]])
+        log_t[[0, 1, 1], [2, 0, 2]] = -np.inf
+        with jax.enable_x64(True):
+            f = jax.jit(jax.value_and_grad(functools.partial(
+                D.kl_divergence, log_targets=True, reduction="sum"), argnums=(0, 1)))
+            value, (g_log_q, g_log_t) = f(log_q, log_t)
+            want = D.kl_divergence(np.where(np.isinf(log_q), 0.0, log_q),
+                                   np.exp(log_t), reduction="sum")
+        np.testing.assert_allclose(value, want, rtol=1e-12)
+        np.testing.assert_array_equal(g_log_q, -np.exp(log_t))
+        np.testing.assert_array_equal(g_log_t[np.isinf(log_t)], 0.0)
+        assert np.all(np.isfinite(g_log_t))
+
     def test_log_targets_and_logits_forms_agree(self):
         rng = np.random.default_rng(8)
         lp, lq = (jnp.asarray(x, jnp.float32) for x in _logits(rng, (4, 6), -1))
