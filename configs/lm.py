@@ -5,7 +5,18 @@ Next-token prediction over word-level tokens of the standard library's `.py` fil
 and cached in `<workdir>/data`), held-out files for the test loss, token accuracy and
 `test/perplexity` (exp of the test loss). `loss=cross_entropy` builds the
 `[batch, seq, vocab]` logits; `loss=linear_cross_entropy` computes the same function
-from the final hidden states and the head kernel without them.
+from the final hidden states and the head kernel without them, in training and in
+evaluation (test loss by the fused loss itself, token accuracy by an arg-max over
+vocab blocks). `z_loss` and `label_smoothing` train with those options of the fused
+loss; the test loss is plain cross-entropy for every label, so all four compare in
+the same units. Each run's `summary.json` records the compiled step's memory
+(`memory/xla_temp_mib`: XLA's scratch buffers per step, where the materialized
+logits and their gradient live) and the process's `memory/peak_rss_mib`.
+
+Default: 16,384-token vocabulary, 128-token windows, 2 layers of width 128, batch
+16, 300 steps, test metrics on 128 held-out windows (16k tokens). On a 2-core CPU:
+about 2.5 steps/s with `linear_cross_entropy`, 1.3 with `cross_entropy`. The study
+(`configs/study.py`, task `lm`) runs a shorter variant of it.
 
     ./launch.sh cpu experiments.main --config=configs/lm.py:loss=linear_cross_entropy \
         --workdir=runs/lm_fused
@@ -38,7 +49,7 @@ def get_config(arg=None):
     c.data.name = "stdlib_lm"
     c.data.kwargs = ({"vocab_size": 1024, "seq_len": 32, "max_files": 40,
                       "max_test_windows": 16} if smoke else
-                     {"vocab_size": 16384, "seq_len": 128, "max_test_windows": 32})
+                     {"vocab_size": 16384, "seq_len": 128, "max_test_windows": 128})
     c.model.name = "transformer"
     c.model.kwargs = ({"num_layers": 1, "d_model": 32, "num_heads": 2} if smoke else
                       {"num_layers": 2, "d_model": 128, "num_heads": 4})

@@ -274,3 +274,41 @@ class Transformer(nn.Module):
 
 
 MODELS["transformer"] = Transformer
+
+
+def head_argmax(hidden, kernel, *, block_size: int = 1024):
+    """`argmax(hidden @ kernel, axis=-1)` without the `[..., vocab]` logits.
+
+    A loop over blocks of `block_size` kernel columns keeps a running maximum and its
+    id, so the largest buffer is `[..., block_size]`: a language model's predictions
+    (token accuracy) at the memory cost of the fused loss. Ties go to the lowest id,
+    as with `jnp.argmax`; the logits are computed in the inputs' dtype, as the
+    materialized `einsum` does.
+
+    Args:
+      hidden: final hidden states `[..., d]`.
+      kernel: output projection `[d, vocab]` (flax `Dense` layout).
+      block_size: kernel columns per block (capped at the vocab size).
+
+    Returns:
+      int32 token ids `[...]`.
+    """
+    vocab = kernel.shape[-1]
+    block = min(block_size, vocab)
+    dtype = jnp.result_type(hidden, kernel)
+
+    def body(i, carry):
+        best, best_id = carry
+        # The last block is clamped to end at `vocab`: it rescans some columns of the
+        # previous block, which cannot beat a maximum they already set (strict >).
+        start = jnp.minimum(i * block, vocab - block)
+        logits = jnp.einsum("...d,dv->...v", hidden,
+                            jax.lax.dynamic_slice_in_dim(kernel, start, block, axis=1))
+        value = jnp.max(logits, axis=-1)
+        better = value > best
+        ids = jnp.argmax(logits, axis=-1).astype(jnp.int32) + start
+        return jnp.where(better, value, best), jnp.where(better, ids, best_id)
+
+    shape = hidden.shape[:-1]
+    init = (jnp.full(shape, -jnp.inf, dtype), jnp.zeros(shape, jnp.int32))
+    return jax.lax.fori_loop(0, -(-vocab // block), body, init)[1]

@@ -6,7 +6,8 @@ Input: a list of run records, one per (task, loss, seed), as written by
     {"task", "loss", "seed", "metric", "mode", "summary": {...train_and_evaluate...},
      "curve": [[step, test metric], ...], "train_curve": [[step, train loss], ...]}
 
-and per task a description (`tasks`: title, metric, mode, setup lines).
+and per task a description (`tasks`: title, metric, mode, setup lines, command and
+an optional caveat).
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ METRIC_NAMES = {
     "test/rmse": "test RMSE",
     "test/mae": "test MAE",
     "test/loss": "test loss",
+    "test/perplexity": "test perplexity",
 }
+# The fused head loss and its materialized counterpart, compared in words where a
+# task has both (the language model).
+_FUSED, _MATERIALIZED = "linear_cross_entropy", "cross_entropy"
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -69,6 +74,9 @@ def summarize(records: list[dict]) -> dict[str, list[dict]]:
             row["wall_seconds"] = cost("wall_seconds")
             row["first_step_seconds"] = cost("first_step_seconds")
             row["steps_per_sec"] = cost("steps_per_sec")
+            # Per-step XLA scratch memory (the same for every seed of a loss).
+            row["xla_temp_mib"] = _mean_std(
+                [r["summary"].get("memory/xla_temp_mib") for r in runs])
             rows.append(row)
         sign = -1 if rows[0]["mode"] == "max" else 1
         rows.sort(key=lambda r: (math.isnan(r["mean"]), sign * r["mean"]))
@@ -87,15 +95,42 @@ def markdown_table(rows: list[dict]) -> str:
     extra = list(rows[0]["extra"])
     head = ["rank", "loss", METRIC_NAMES.get(metric, metric)]
     head += [METRIC_NAMES.get(k, k) for k in extra]
-    head += ["train time [s]", "first step [s]", "steps/s"]
+    head += ["train time [s]", "first step [s]", "steps/s", "step memory [MiB]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(rows, 1):
         cells = [str(i), f"`{r['loss']}`", _fmt(r["mean"], r["std"])]
         cells += [_fmt(*r["extra"][k]) for k in extra]
+        sps = r["steps_per_sec"][0]
         cells += [f"{r['wall_seconds'][0]:.1f}", f"{r['first_step_seconds'][0]:.1f}",
-                  f"{r['steps_per_sec'][0]:.0f}"]
+                  f"{sps:.0f}" if sps >= 10 else f"{sps:.2f}",
+                  _mib(r.get("xla_temp_mib", (math.nan,))[0])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _mib(value: float) -> str:
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:.2f}" if value < 10 else f"{value:.0f}"
+
+
+def memory_comparison(rows: list[dict]) -> str | None:
+    """The fused head loss vs cross-entropy on materialized logits, in words, or None
+    when the task lacks either (or a backend reported no memory analysis)."""
+    by_loss = {r["loss"]: r for r in rows}
+    if _FUSED not in by_loss or _MATERIALIZED not in by_loss:
+        return None
+    fused, full = by_loss[_FUSED], by_loss[_MATERIALIZED]
+    mem_f, mem_m = fused["xla_temp_mib"][0], full["xla_temp_mib"][0]
+    if math.isnan(mem_f) or math.isnan(mem_m) or mem_f <= 0:
+        return None
+    sps_f, sps_m = fused["steps_per_sec"][0], full["steps_per_sec"][0]
+    diff = abs(fused["mean"] - full["mean"])
+    return (f"Memory: `{_FUSED}` needs {_mib(mem_f)} MiB of XLA scratch memory per "
+            f"training step vs {_mib(mem_m)} MiB for `{_MATERIALIZED}` on "
+            f"materialized logits, {mem_m / mem_f:.1f}x less, at {sps_f:.2f} vs "
+            f"{sps_m:.2f} steps/s ({sps_f / sps_m:.2f}x); their test metrics differ "
+            f"by {diff:.4f} (the same function, computed in another order).")
 
 
 def verdict(rows: list[dict]) -> str:
@@ -184,6 +219,10 @@ def write_report(workdir: pathlib.Path, records: list[dict], tasks: dict[str, di
         table = markdown_table(rows)
         tables.append(f"{info['title']}\n{table}")
         lines += ["", f"## {info['title']}", "", table, "", f"![{task}]({png})"]
+        comparison = memory_comparison(rows)
+        if comparison:
+            lines += ["", comparison]
+            tables[-1] += "\n" + comparison
     lines += ["", "## Appendix", "", "### Metrics", ""]
     lines += [
         "- *test accuracy*: fraction of held-out examples whose arg-max output is the "
@@ -195,7 +234,17 @@ def write_report(workdir: pathlib.Path, records: list[dict], tasks: dict[str, di
         "output: the mean for `gaussian_nll`, the median for `quantile_loss` at "
         "tau = 0.5.",
         "- *test loss*: the training loss itself on the test set; it is in each "
-        "loss's own units and only compares runs of the same loss.",
+        "loss's own units and only compares runs of the same loss. Language "
+        "modelling is the exception: its test loss is plain next-token cross-entropy "
+        "(nats per token) for every training loss (z-loss and label smoothing "
+        "change the training objective, not the metric), and *test perplexity* is "
+        "its exp per seed; *test accuracy* there is next-token arg-max accuracy.",
+        "- *step memory*: XLA's compiled memory analysis of the train step: its "
+        "temporary buffers (activations kept for the backward pass, logits and "
+        "their gradient, optimizer scratch) per device, without parameters, "
+        "optimizer state and batch. It is what a fused loss changes; the process's "
+        "peak RSS is in each run's `summary.json` (`memory/peak_rss_mib`) but is "
+        "not comparable across the runs of one study process.",
         "- *train time*: wall time of a run's training loop (mean over seeds), "
         "including the first step, periodic evaluation and checkpointing. *first "
         "step*: its first step, which compiles the train step for the first seed "
@@ -239,6 +288,9 @@ def write_report(workdir: pathlib.Path, records: list[dict], tasks: dict[str, di
               "is invariant to a constant scale of the loss (up to its epsilon): "
               "when both are in a table their metrics should (and do) coincide, a "
               "sanity check of the harness rather than two independent results."]
+    # Scenario-specific caveats (e.g. a budget cut for the study), from the study config.
+    lines += [f"- {info['title']}: {info['caveat']}" for info in tasks.values()
+              if info.get("caveat")]
     if skipped:
         lines += ["", "### Runs not in the tables", "", *[f"- {s}" for s in skipped]]
     (workdir / "report.md").write_text("\n".join(lines) + "\n")

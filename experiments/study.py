@@ -43,13 +43,17 @@ def _task_config(scen: mlc.ConfigDict, label: str, seed: int, smoke: bool):
     with config.unlocked():
         config.seed = seed
         config.progress_bar = False
-        for key, value in scen.overrides.items():
-            target = config
-            *path, last = key.split(".")
-            for part in path:
-                target = target[part]
-            target[last] = value
+        _override(config, scen.overrides)
     return module, config
+
+
+def _override(config: mlc.ConfigDict, overrides) -> None:
+    """Sets the fields of the nested `overrides` on `config`, leaving the others."""
+    for key, value in overrides.items():
+        if isinstance(value, (dict, mlc.ConfigDict)) and key in config:
+            _override(config[key], value)
+        else:
+            config[key] = value
 
 
 def _setup_lines(config: mlc.ConfigDict, cache_dir: pathlib.Path) -> list[str]:
@@ -97,7 +101,8 @@ def run_study(config: mlc.ConfigDict, workdir: str) -> str:
             tasks[name] = {"title": scen.title, "metric": scen.metric,
                            "mode": scen.mode, "setup": _setup_lines(cfg0, workdir / "data"),
                            "command": f"--config={scen.config.replace('.', '/')}"
-                                      f".py:{arg}"}
+                                      f".py:{arg}",
+                           "caveat": scen.get("caveat", "")}
     records, failed = [], []
     bar = None
     if is_main:

@@ -54,7 +54,7 @@ from jax.sharding import PartitionSpec as P
 import lossjax
 from lossjax import _checks
 from experiments import data as data_lib
-from experiments import models
+from experiments import memory, models
 
 log = logging.getLogger("experiments.train")
 
@@ -257,8 +257,7 @@ def apply_loss(task: Task, outputs: jax.Array, y, **kwargs) -> jax.Array:
 def predictions(task: Task, outputs: jax.Array) -> jax.Array:
     """Class ids (classification, per token for "tokens") or the predicted value."""
     if task.return_hidden:
-        hidden, kernel = outputs
-        outputs = jnp.einsum("...d,dv->...v", hidden, kernel)
+        return models.head_argmax(*outputs)  # no [..., vocab] logits
     if task.num_classes:
         return jnp.argmax(outputs, axis=-1)
     return outputs[:, 0].astype(jnp.float32)
@@ -314,6 +313,8 @@ def eval_step(params, batch: dict, *, task: Task, target_scale) -> dict:
     """
     outputs = task.apply(params, batch["x"])
     mask = batch["mask"]
+    if task.loss_target == "tokens":
+        return token_metrics(task, outputs, batch["y"], mask)
     n = jnp.sum(mask)
     metrics = {"loss": apply_loss(task, outputs, targets(batch), where=mask)}
     if task.is_sequence:
@@ -323,13 +324,7 @@ def eval_step(params, batch: dict, *, task: Task, target_scale) -> dict:
                                                   beam_width=task.beam_width)
         return metrics
     pred = predictions(task, outputs)
-    if task.loss_target == "tokens":
-        # Token accuracy over every position of the real sequences; exp of the mean
-        # per-token loss (the perplexity when the loss is plain cross-entropy).
-        hits = jnp.where(mask[:, None], pred == batch["y"], False)
-        metrics["accuracy"] = jnp.sum(hits) / (n * batch["y"].shape[1])
-        metrics["perplexity"] = jnp.exp(metrics["loss"])
-    elif task.num_classes:
+    if task.num_classes:
         metrics["accuracy"] = jnp.sum(jnp.where(mask, pred == batch["y"], False)) / n
     else:
         # In the target's original units (the data were standardized for training).
@@ -337,6 +332,28 @@ def eval_step(params, batch: dict, *, task: Task, target_scale) -> dict:
         metrics["mae"] = jnp.sum(jnp.where(mask, jnp.abs(err), 0)) / n
         metrics["rmse"] = jnp.sqrt(jnp.sum(jnp.where(mask, err**2, 0)) / n)
     return metrics
+
+
+def token_metrics(task: Task, outputs, labels: jax.Array, mask: jax.Array) -> dict:
+    """Language-model test metrics over the real sequences (`mask` [batch]).
+
+    The loss is plain next-token cross-entropy whatever the training loss (z-loss and
+    label smoothing change training, not what is measured), so every run of the task
+    is compared in the same units; perplexity is its exp; accuracy counts arg-max
+    hits over every position. With a fused head loss both come from (hidden, kernel)
+    without building `[batch, seq, vocab]` logits: `linear_cross_entropy` for the
+    loss, an arg-max over vocab blocks for the accuracy; with `cross_entropy` from
+    the materialized logits. Both paths give the same numbers for the same params.
+    """
+    where = mask[:, None]  # every token of a real sequence
+    if task.return_hidden:
+        hidden, kernel = outputs
+        loss = lossjax.linear_cross_entropy(hidden, kernel, labels, where=where)
+    else:
+        loss = lossjax.cross_entropy(outputs, labels, where=where)
+    hits = jnp.where(where, predictions(task, outputs) == labels, False)
+    return {"loss": loss, "perplexity": jnp.exp(loss),
+            "accuracy": jnp.sum(hits) / (jnp.sum(mask) * labels.shape[1])}
 
 
 def edit_distance(a, b) -> int:
@@ -619,8 +636,11 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
 
     Returns a summary: final test metrics, the step reached, `first_step_seconds` (the
     compile), `wall_seconds` (the whole loop, with evaluations and saves),
-    `steps_per_sec` (training steps only), and `preempted` (True if SIGTERM stopped
-    the run after saving).
+    `steps_per_sec` (training steps only), `preempted` (True if SIGTERM stopped
+    the run after saving), and memory in MiB (`experiments.memory`):
+    `memory/xla_temp_mib`, `memory/xla_argument_mib`, `memory/xla_output_mib` (XLA's
+    analysis of the compiled step, per device; absent where the backend or the
+    checked mode gives none) and `memory/peak_rss_mib` (the process's peak so far).
 
     Raises:
       FloatingPointError: a non-finite training loss or gradient norm, naming the first
@@ -705,6 +725,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
     # Throughput counts the steps between host fetches, not the first (compiling)
     # step, evaluations or checkpoint saves.
     first_step_seconds, train_seconds, timed_steps = 0.0, 0.0, 0
+    step_memory = None  # XLA's memory analysis of the compiled step (MiB per device)
     last_eval: dict[str, float] = {}
     preempted = False
 
@@ -747,13 +768,18 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
         with _Preemption() as preemption:
             for i in range(start_step, num_steps):
                 t0 = time.perf_counter()
-                state, metrics = compiled.fn(state, batch_of(i))
+                batch = batch_of(i)
+                if i == start_step:  # the step's input types, before donation
+                    step_inputs = memory.abstract((state, batch))
+                state, metrics = compiled.fn(state, batch)
                 done = i + 1
                 pending.append((done, metrics))
                 window_steps += 1
                 if i == start_step:
                     jax.block_until_ready(metrics)  # the compile, timed apart
                     first_step_seconds = time.perf_counter() - t0
+                    # The step just compiled: this reuses it (no trace, no compile).
+                    step_memory = memory.step_memory(compiled.fn, *step_inputs)
                     window_start, window_steps = time.perf_counter(), 0
                 if bar is not None:
                     bar.update(1)
@@ -797,13 +823,18 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
         "steps_per_sec": timed_steps / train_seconds if train_seconds > 0 else
         float("nan"),
         "num_params": models.param_count(abstract["params"]),
+        **{f"memory/{k}": v for k, v in (step_memory or {}).items()},
+        "memory/peak_rss_mib": memory.peak_rss_mib(),
         **last_eval,
     }
     if start_step == num_steps and summary_path.exists():
-        # Nothing ran now: keep the timings of the run that did the training.
+        # Nothing ran now: keep the timings and memory of the run that did the
+        # training.
         previous = json.loads(summary_path.read_text())
-        for key in ("first_step_seconds", "wall_seconds", "steps_per_sec"):
-            summary[key] = previous.get(key, summary[key])
+        for key in ("first_step_seconds", "wall_seconds", "steps_per_sec",
+                    *(k for k in previous if k.startswith("memory/"))):
+            if key in previous:
+                summary[key] = previous[key]
     if is_main and not preempted:
         summary_path.write_text(json.dumps(summary, indent=1) + "\n")
     return summary
