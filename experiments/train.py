@@ -308,6 +308,8 @@ def train_step(state: dict, batch: dict, *, task: Task) -> tuple[dict, dict]:
 def eval_step(params, batch: dict, *, task: Task, target_scale) -> dict:
     """Test metrics over a padded batch; `batch["mask"]` marks the real examples.
 
+    Language models ("tokens") get `token_metrics`.
+
     For CTC also the greedy and beam-search decodings (`(labels, lengths)` pairs),
     scored on the host by `error_rates`.
     """
