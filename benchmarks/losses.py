@@ -1,7 +1,7 @@
 """Every lossjax loss against optax and torch (CPU): forward and forward+grad.
 
-    python -m benchmarks.losses                 # all losses, 3 fresh processes per case
-    python -m benchmarks.losses --only cross_entropy huber --processes 5
+    python -m benchmarks.losses                 # all losses, 5 fresh processes per case
+    python -m benchmarks.losses --only cross_entropy huber_loss --processes 3
 
 One case is one (loss, implementation) pair measured in a fresh interpreter: the jitted
 forward (mean reduction) and the jitted gradient with respect to the first input, on
@@ -18,8 +18,8 @@ a millisecond and other processes come and go:
   `common.main(..., interleave=True)`), so they see the same minute of machine load
   instead of one of them catching a busy spell.
 - The ratio is paired: lossjax over the faster baseline within each repetition, then
-  the median over repetitions. A load change between repetitions then cancels in each
-  ratio instead of landing on one side of a ratio of medians.
+  the median over 5 repetitions (`PROCESSES`). A load change between repetitions then
+  cancels in each ratio instead of landing on one side of a ratio of medians.
 - Wall time, not CPU time: torch and XLA both use every core for one call, and CPU time
   would charge a parallel kernel for its threads' spinning and credit a serial one for
   leaving a core idle, which is not what a user waits for.
@@ -40,6 +40,10 @@ ELEMENTS = ROWS * CLASSES
 # Each call takes about a millisecond, where scheduler noise on a small machine is large:
 # many timed calls per process keep the median steady (see the module docstring).
 REPEATS = 101
+# A whole process can run slow (another process's busy spell; under a load of 7 on 2
+# cores, one of 5 paired ratios of two identical programs was 2x): the median over 5
+# processes shrugs off two such outliers, over 3 only one.
+PROCESSES = 5
 
 
 def _inputs(kind: str):
@@ -221,7 +225,8 @@ COLUMNS = [
 
 if __name__ == "__main__":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    results = common.main("benchmarks.losses", CASES, measure, interleave=True)
+    results = common.main("benchmarks.losses", CASES, measure,
+                          processes=PROCESSES, interleave=True)
     if results is not None:
         print(f"\nfloat32, classification [{ROWS}, {CLASSES}], elementwise [{ELEMENTS}]; "
               "times: median over processes of the median of "
