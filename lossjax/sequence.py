@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -87,11 +88,20 @@ def lengths_to_padding_mask(
 
 # --- CTC loss: forward (alpha) and backward (beta) recursions in log space ---------
 #
-# The 2L+1 states of the blank-extended labels are kept as two arrays, the L+1 blank
-# states ([B, L+1], blank j between labels j-1 and j) and the L label states ([B, L]):
-# a blank state has only two predecessors and all blanks share one emission, so the
-# split needs 3 exps and 2 logs per blank/label pair and frame instead of 6 exps and
-# 2 logs, and the emission table is [T, B, L] + [T, B] instead of [T, B, 2L+1].
+# Layout, chosen by measurement on XLA:CPU (see benchmarks/ctc.py):
+# - The 2L+1 states of the blank-extended labels are kept as two arrays, the L+1 blank
+#   states (blank j between labels j-1 and j) and the L label states: a blank state has
+#   two predecessors and all blanks share one emission, so the split needs 3 exps and
+#   2 logs per blank/label pair and frame instead of 4 exps and 2 logs.
+# - States first, batch last ([L, B]): the shift to the previous state is then a shift
+#   of whole rows, which XLA vectorizes over the batch; along the minor axis the same
+#   shift made every step about 2x slower.
+# - Emissions are gathered from the logits inside each step (one frame, [L, B]) rather
+#   than as a [T, L, B] table before the loop: the table and its transpose cost more
+#   than the loop's work on large inputs, and keeping XLA's temporaries small (the
+#   table alone is 10 MiB at B=32, T=800, L=100) avoids fresh pages on every call.
+# - The backward pass never stores beta: each step of its loop turns alpha and beta
+#   into the frame's occupancies and scatters them onto the K classes at once.
 
 
 def _lse2(a, b):
@@ -113,198 +123,188 @@ def _lse3(a, b, c):
     return m + jnp.log(1.0 + jnp.exp(mid - m_safe) + jnp.exp(lo - m_safe))
 
 
-def _prev(x):
-    """x[..., j - 1] along the last axis, -inf at j = 0."""
-    pad = jnp.full(x.shape[:-1] + (1,), _NEG_INF, x.dtype)
-    return jnp.concatenate([pad, x[..., :-1]], axis=-1)
+def _pad_states(x, before, after):
+    """Pads the state axis (0) with -inf: a shift when the other end is sliced off."""
+    return jnp.pad(x, ((before, after),) + ((0, 0),) * (x.ndim - 1),
+                   constant_values=_NEG_INF)
 
 
-def _next(x, length):
-    """x[..., j + 1] along the last axis, padded with -inf to `length` entries."""
-    pad = jnp.full(x.shape[:-1] + (length - x.shape[-1] + 1,), _NEG_INF, x.dtype)
-    return jnp.concatenate([x[..., 1:], pad], axis=-1)
+def _peak(blank, label):
+    """Per-sequence maximum over the states [B]; 0 where every state is -inf."""
+    peak = jnp.maximum(jnp.max(blank, axis=0), jnp.max(label, axis=0, initial=_NEG_INF))
+    return jnp.where(peak > _NEG_INF, peak, 0.0)
 
 
-def _skip_bias(labels):
-    """0 where label j may be reached from label j - 1 skipping the blank, else -inf.
+class _Problem(NamedTuple):
+    """What both recursions read: the logits, their logsumexp and the labels."""
+    logits: jax.Array  # [B, T, K] float32
+    lse: jax.Array  # [B, T]: log_softmax = logits - lse
+    labels: jax.Array  # [L, B] int32, padding already replaced by the blank
+    real: jax.Array  # [L, B] bool: label j exists (j < label_length)
+    skip: jax.Array  # [L, B]: 0 where label j may follow label j-1 directly, else -inf
+    logit_lengths: jax.Array  # [B]
+    label_lengths: jax.Array  # [B]
+    blank_id: int
 
-    The skip is allowed between different labels only: a repeat needs a blank.
+    @classmethod
+    def build(cls, logits, logit_lengths, labels, label_lengths, blank_id):
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        labels = labels.T
+        previous = jnp.concatenate(
+            [jnp.full((1,) + labels.shape[1:], -1, labels.dtype), labels[:-1]], axis=0)
+        # A repeated label needs a blank in between: no skip onto it.
+        skip = jnp.where(labels != previous, 0.0, _NEG_INF)
+        real = jnp.arange(labels.shape[0])[:, None] < label_lengths[None, :]
+        return cls(logits, lse, labels, real, skip, logit_lengths, label_lengths,
+                   blank_id)
+
+    def emissions(self, t):
+        """Log-probs of frame t: the blank [B] and the labels [L, B] (-inf past each
+        label length)."""
+        x = lax.dynamic_index_in_dim(self.logits, t, axis=1, keepdims=False)  # [B, K]
+        lse = lax.dynamic_index_in_dim(self.lse, t, axis=1, keepdims=False)
+        rows = jnp.arange(x.shape[0])[None, :]
+        label = x.at[rows, self.labels].get(mode="promise_in_bounds") - lse[None]
+        return x[:, self.blank_id] - lse, jnp.where(self.real, label, _NEG_INF)
+
+    def zeros(self, num_states):
+        """A [num_states, B] float32 zero built from the inputs: under shard_map a
+        loop's carry must vary over the mesh axes like the values computed from them."""
+        return jnp.zeros((num_states, 1), self.lse.dtype) + jnp.zeros_like(
+            self.lse[:, 0])[None, :]
+
+
+def _alpha_scan(p: _Problem, save: bool):
+    """Forward variables, rescaled to a maximum of 0 every frame.
+
+    Returns (final blank alpha [L+1, B], final label alpha [L, B], log scale [B], and
+    the per-frame alphas ([T, L+1, B], [T, L, B]) if `save`). The true log alpha of
+    frame t is the saved one plus the sum of the per-frame maxima up to t.
     """
-    allowed = labels != _prev_int(labels)
-    return jnp.where(allowed, 0.0, _NEG_INF)
+    num_labels, num_t = p.labels.shape[0], p.logits.shape[1]
+    init_blank = p.zeros(num_labels + 1) + jnp.where(
+        jnp.arange(num_labels + 1) == 0, 0.0, _NEG_INF)[:, None]
+    init_label = p.zeros(num_labels) + _NEG_INF
 
-
-def _prev_int(labels):
-    pad = jnp.full(labels.shape[:-1] + (1,), -1, labels.dtype)
-    return jnp.concatenate([pad, labels[..., :-1]], axis=-1)
-
-
-def _emissions(logp, labels, blank_id):
-    """Time-major emission log-probs: blanks [T, B] and labels [T, B, L]."""
-    logp = jnp.swapaxes(logp, 0, 1)  # [T, B, K]: a small transpose, before the gather
-    # Gather L entries from each contiguous row of K with a full [T, B, L] index: an
-    # index broadcast over T makes XLA gather strided columns of T (slow on CPU).
-    # Never a one-hot of the labels.
-    idx = jnp.broadcast_to(labels[None], (logp.shape[0],) + labels.shape)
-    emit = jnp.take_along_axis(logp, idx, axis=2, mode="promise_in_bounds")
-    return logp[:, :, blank_id], emit
-
-
-def _alpha_scan(emit_blank, emit_label, skip, logit_lengths, save):
-    """Forward variables, rescaled per frame.
-
-    Returns (final blank alpha [B, L+1], final label alpha [B, L], log scale [B],
-    and the per-frame alphas ([T, B, L+1], [T, B, L]) if `save`). The true log alpha
-    of frame t is the saved one plus the sum of the per-frame maxima up to t.
-    """
-    num_t, batch, max_len = emit_label.shape
-    dtype = emit_label.dtype
-    # Built from the inputs (+ 0), not from constants alone: under shard_map the
-    # carry must vary over the mesh axes like the values the loop computes from them.
-    zero = jnp.zeros_like(emit_blank[0])[:, None]
-    init_blank = zero + jnp.where(jnp.arange(max_len + 1) == 0, 0.0, _NEG_INF)
-    init_label = zero + jnp.full((max_len,), _NEG_INF, dtype)
-
-    def step(carry, xs):
+    def step(carry, t):
         blank, label = carry
-        e_blank, e_label, t = xs
+        e_blank, e_label = p.emissions(t)
         # Blank j comes from itself or label j - 1; label j from itself, blank j, or
         # label j - 1 when the two labels differ.
-        new_blank = e_blank[:, None] + _lse2(blank, _prev(jnp.concatenate(
-            [label, jnp.full((batch, 1), _NEG_INF, dtype)], axis=-1)))
-        new_label = e_label + _lse3(label, blank[:, :-1], _prev(label) + skip)
+        new_blank = _lse2(blank, _pad_states(label, 1, 0)) + e_blank[None]
+        new_label = _lse3(label, blank[:-1], _pad_states(label[:-1], 1, 0) + p.skip) \
+            + e_label
         # Subtracting each frame's maximum keeps the values O(1): rounding then does
         # not grow with the magnitude of log alpha over long sequences.
-        peak = jnp.maximum(jnp.max(new_blank, axis=-1), jnp.max(new_label, axis=-1,
-                                                                 initial=_NEG_INF))
-        running = t < logit_lengths
-        peak = jnp.where(running & (peak > _NEG_INF), peak, 0.0)
+        running = t < p.logit_lengths
+        peak = jnp.where(running, _peak(new_blank, new_label), 0.0)
         # Past its length a sequence's alpha is frozen, so the final carry holds the
         # alpha of its last frame.
-        new_blank = jnp.where(running[:, None], new_blank - peak[:, None], blank)
-        new_label = jnp.where(running[:, None], new_label - peak[:, None], label)
+        new_blank = jnp.where(running[None], new_blank - peak[None], blank)
+        new_label = jnp.where(running[None], new_label - peak[None], label)
         out = (new_blank, new_label, peak) if save else peak
         return (new_blank, new_label), out
 
-    # unroll > 1 measured several times slower on CPU (XLA fuses across the steps
-    # and recomputes the shifted terms).
-    (blank, label), out = lax.scan(
-        step, (init_blank, init_label), (emit_blank, emit_label, jnp.arange(num_t)))
+    # unroll > 1 measured slower on CPU (XLA fuses across the steps and recomputes
+    # the shifted terms).
+    (blank, label), out = lax.scan(step, (init_blank, init_label), jnp.arange(num_t))
     peaks = out[-1] if save else out
     # Summed after the loop (pairwise) rather than carried: less rounding.
     alphas = out[:2] if save else None
     return blank, label, jnp.sum(peaks, axis=0), alphas
 
 
-def _log_likelihood(blank, label, log_scale, label_lengths):
+def _log_likelihood(p: _Problem, blank, label, log_scale):
     """log p(labels | x) from the final alphas: the last blank or the last label."""
-    last_blank = jnp.take_along_axis(blank, label_lengths[:, None], axis=1)[:, 0]
-    idx = jnp.maximum(label_lengths - 1, 0)[:, None]
-    last_label = jnp.take_along_axis(label, idx, axis=1, mode="clip")[:, 0] \
-        if label.shape[1] else jnp.full(last_blank.shape, _NEG_INF, blank.dtype)
-    last_label = jnp.where(label_lengths > 0, last_label, _NEG_INF)
+    lengths = p.label_lengths
+    last_blank = jnp.take_along_axis(blank, lengths[None], axis=0)[0]
+    if label.shape[0]:
+        last_label = jnp.take_along_axis(label, jnp.maximum(lengths - 1, 0)[None],
+                                         axis=0)[0]
+        last_label = jnp.where(lengths > 0, last_label, _NEG_INF)
+    else:
+        last_label = jnp.full(last_blank.shape, _NEG_INF, blank.dtype)
     return log_scale + _lse2(last_blank, last_label)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _ctc_core(logits, logit_lengths, labels, label_lengths, blank_id):
-    emit_blank, emit_label = _emissions(jax.nn.log_softmax(logits, axis=-1), labels,
-                                        blank_id)
-    blank, label, log_scale, _ = _alpha_scan(emit_blank, emit_label, _skip_bias(labels),
-                                             logit_lengths, save=False)
+    p = _Problem.build(logits, logit_lengths, labels, label_lengths, blank_id)
+    blank, label, log_scale, _ = _alpha_scan(p, save=False)
     # Clamped at 0: f32 rounding can push a confident alignment's -log p slightly
     # below 0 (optax issue 1771), which turns into NaN downstream.
-    return jnp.maximum(-_log_likelihood(blank, label, log_scale, label_lengths), 0.0)
+    return jnp.maximum(-_log_likelihood(p, blank, label, log_scale), 0.0)
 
 
 def _ctc_core_fwd(logits, logit_lengths, labels, label_lengths, blank_id):
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    emit_blank, emit_label = _emissions(logp, labels, blank_id)
-    blank, label, log_scale, alphas = _alpha_scan(
-        emit_blank, emit_label, _skip_bias(labels), logit_lengths, save=True)
-    log_z = _log_likelihood(blank, label, log_scale, label_lengths)
-    nll = jnp.maximum(-log_z, 0.0)
-    # The emissions are re-gathered in the backward pass (cheap) rather than saved.
-    return nll, (logp, logit_lengths, labels, label_lengths, alphas, log_z)
+    p = _Problem.build(logits, logit_lengths, labels, label_lengths, blank_id)
+    blank, label, log_scale, alphas = _alpha_scan(p, save=True)
+    log_z = _log_likelihood(p, blank, label, log_scale)
+    return jnp.maximum(-log_z, 0.0), (p, alphas, log_z)
 
 
-def _beta_scan(emit_blank, emit_label, skip, logit_lengths, label_lengths):
-    """Backward variables (without the frame's own emission), rescaled per frame."""
-    num_t, batch, max_len = emit_label.shape
-    dtype = emit_label.dtype
-    j_blank = jnp.arange(max_len + 1)[None, :]
-    j_label = jnp.arange(max_len)[None, :]
-    final_blank = jnp.where(j_blank == label_lengths[:, None], 0.0, _NEG_INF)
-    final_label = jnp.where(j_label == label_lengths[:, None] - 1, 0.0, _NEG_INF)
-    skip_next = _next(skip, max_len)  # may label j go on to label j + 1 directly?
+def _occupancy_scan(p: _Problem, alphas, scale):
+    """Backward variables, each frame turned into class occupancies at once.
+
+    beta (without the frame's own emission) runs backwards in time, rescaled every
+    frame like alpha. At frame t the state occupancies alpha * beta are normalized to
+    sum to 1 per frame rather than divided by the global p(labels): the rounding that
+    alpha and beta accumulate over long sequences (shared by a frame's states) cancels.
+    They are then scattered onto the classes and multiplied by `scale` [B]. Returns
+    the class occupancies [T, K, B] (0 past each sequence's length).
+    """
+    num_labels, num_t = p.labels.shape[0], p.logits.shape[1]
+    num_classes = p.logits.shape[-1]
+    positions = jnp.arange(num_labels + 1)[:, None]
+    final_blank = jnp.where(positions == p.label_lengths[None], 0.0, _NEG_INF)
+    final_label = jnp.where(positions[:-1] == p.label_lengths[None] - 1, 0.0, _NEG_INF)
+    skip_next = _pad_states(p.skip[1:], 0, 1)  # may label j go on to j + 1 directly?
+    columns = jnp.broadcast_to(jnp.arange(p.labels.shape[1])[None], p.labels.shape)
 
     def step(carry, xs):
-        bh_blank, bh_label = carry  # beta + emission of frame t + 1
-        e_blank, e_label, t = xs
-        beta_blank = _lse2(bh_blank, jnp.concatenate(
-            [bh_label, jnp.full((batch, 1), _NEG_INF, dtype)], axis=-1))
-        beta_label = _lse3(bh_label, bh_blank[:, 1:], _next(bh_label, max_len)
-                           + skip_next)
-        last = (t >= logit_lengths - 1)[:, None]
-        beta_blank = jnp.where(last, final_blank, beta_blank)
-        beta_label = jnp.where(last, final_label, beta_label)
-        # Rescaled per frame like alpha; the scale cancels in the occupancies.
-        peak = jnp.maximum(jnp.max(beta_blank, axis=-1),
-                           jnp.max(beta_label, axis=-1, initial=_NEG_INF))
-        peak = jnp.where(peak > _NEG_INF, peak, 0.0)[:, None]
-        beta_blank, beta_label = beta_blank - peak, beta_label - peak
-        carry = (beta_blank + e_blank[:, None], beta_label + e_label)
-        return carry, (beta_blank, beta_label)
+        next_blank, next_label = carry  # beta + emission of frame t + 1
+        alpha_blank, alpha_label, t = xs
+        blank = _lse2(next_blank, _pad_states(next_label, 0, 1))
+        label = _lse3(next_label, next_blank[1:],
+                      _pad_states(next_label[1:], 0, 1) + skip_next)
+        last = (t >= p.logit_lengths - 1)[None]
+        blank = jnp.where(last, final_blank, blank)
+        label = jnp.where(last, final_label, label)
+        peak = _peak(blank, label)[None]
+        blank, label = blank - peak, label - peak
+        # The frame's occupancies.
+        occ_blank, occ_label = alpha_blank + blank, alpha_label + label
+        peak = _peak(occ_blank, occ_label)[None]
+        occ_blank = jnp.sum(jnp.exp(occ_blank - peak), axis=0)
+        occ_label = jnp.exp(occ_label - peak)
+        total = occ_blank + jnp.sum(occ_label, axis=0)
+        kept = (t < p.logit_lengths) & (total > 0)
+        norm = jnp.where(kept, scale / jnp.where(total > 0, total, 1.0), 0.0)  # [B]
+        # Onto the classes: a scatter-add per frame ([L, B] -> [K, B]), never a
+        # [B, T, L, K] one-hot.
+        occ = jnp.zeros((num_classes,) + norm.shape, norm.dtype)
+        occ = occ.at[p.labels, columns].add(occ_label * norm[None],
+                                            mode="promise_in_bounds")
+        occ = occ.at[p.blank_id].add(occ_blank * norm)
+        e_blank, e_label = p.emissions(t)
+        return (blank + e_blank[None], label + e_label), occ
 
-    zero = jnp.zeros_like(emit_blank[0])[:, None]  # varies like the inputs (shard_map)
-    init = (zero + jnp.full((max_len + 1,), _NEG_INF, dtype),
-            zero + jnp.full((max_len,), _NEG_INF, dtype))
-    _, betas = lax.scan(step, init, (emit_blank, emit_label, jnp.arange(num_t)),
-                        reverse=True)
-    return betas
+    init = (p.zeros(num_labels + 1) + _NEG_INF, p.zeros(num_labels) + _NEG_INF)
+    _, occ = lax.scan(step, init, alphas + (jnp.arange(num_t),), reverse=True)
+    return occ
 
 
 def _ctc_core_bwd(blank_id, res, g):
-    logp, logit_lengths, labels, label_lengths, (alpha_blank, alpha_label), log_z = res
-    num_t = alpha_blank.shape[0]
-    emit_blank, emit_label = _emissions(logp, labels, blank_id)
-    beta_blank, beta_label = _beta_scan(emit_blank, emit_label, _skip_bias(labels),
-                                        logit_lengths, label_lengths)
-    # Posterior occupancy of each state per frame, normalized per frame rather than by
-    # the global log p: a frame's occupancies sum to exactly 1, and the rounding that
-    # alpha and beta accumulate over long sequences (shared by a frame's states)
-    # cancels. Computed outside the scans, where XLA vectorizes over all frames.
-    occ_blank = alpha_blank + beta_blank  # [T, B, L+1]
-    occ_label = alpha_label + beta_label  # [T, B, L]
-    peak = jnp.maximum(jnp.max(occ_blank, axis=-1),
-                       jnp.max(occ_label, axis=-1, initial=_NEG_INF))[..., None]
-    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
-    occ_blank, occ_label = jnp.exp(occ_blank - peak), jnp.exp(occ_label - peak)
-    blank_total = jnp.sum(occ_blank, axis=-1)  # [T, B]
-    total = blank_total + jnp.sum(occ_label, axis=-1)
-    valid_t = (jnp.arange(num_t)[:, None] < logit_lengths[None, :]) & (total > 0)
-    inv = jnp.where(valid_t, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)  # [T, B]
-    occ_k = _occupancy_to_classes(occ_label, blank_total, inv, labels, blank_id,
-                                  logp.shape[-1])
-    possible = jnp.isfinite(log_z)
-    valid = (jnp.arange(num_t)[None, :] < logit_lengths[:, None])[:, :, None]
-    scale = jnp.where(possible, g, 0.0)[:, None, None] * valid  # [B, T, 1]
+    p, alphas, log_z = res
+    p = p._replace(blank_id=blank_id)  # a Python int again, not a residual array
+    # An impossible alignment (infinite loss) gets zero gradient.
+    scale = jnp.where(jnp.isfinite(log_z), g, 0.0)
+    occ = jnp.transpose(_occupancy_scan(p, alphas, scale), (2, 0, 1))  # [B, T, K]
+    valid = jnp.arange(p.logits.shape[1])[None, :] < p.logit_lengths[:, None]
+    softmax = jnp.exp(p.logits - p.lse[..., None])
     # d(-log p)/d logits = softmax - occupancy (the log_softmax Jacobian folded in).
-    grad = (jnp.exp(logp) - occ_k) * scale
+    grad = softmax * (scale[:, None] * valid)[..., None] - occ
     return grad, None, None, None
-
-
-def _occupancy_to_classes(occ_label, blank_total, inv, labels, blank_id, num_classes):
-    """Per-class occupancies [B, T, K] from the label states' [T, B, L] and the
-    blank states' total [T, B], both scaled by `inv` [T, B]."""
-    # A matmul with the one-hot of the labels, [B, L, K] (never [B, T, K]): measured
-    # faster on CPU than a scatter-add of the T*B*L occupancies. HIGHEST precision
-    # so that GPUs and TPUs do not round the occupancies to tf32 / bf16.
-    onehot = jax.nn.one_hot(labels, num_classes, dtype=occ_label.dtype)  # [B, L, K]
-    occ_k = jnp.einsum("tbl,blk->btk", occ_label * inv[..., None], onehot,
-                       precision=lax.Precision.HIGHEST)
-    blank = jax.nn.one_hot(blank_id, num_classes, dtype=occ_label.dtype)
-    return occ_k + (blank_total * inv).T[:, :, None] * blank
 
 
 _ctc_core.defvjp(_ctc_core_fwd, _ctc_core_bwd)
