@@ -23,6 +23,11 @@ a millisecond and other processes come and go:
 - Wall time, not CPU time: torch and XLA both use every core for one call, and CPU time
   would charge a parallel kernel for its threads' spinning and credit a serial one for
   leaving a core idle, which is not what a user waits for.
+
+What none of this removes is other work on the machine: it slows torch's thread pool
+far more than XLA's (huber_loss forward went from 0.3 ms to 16 ms at a load average of
+6 on 2 cores, XLA's from 0.9 to 1.6 ms), so the table header prints the load average
+at the start and the end of the run; compare ratios only from a quiet run.
 """
 
 from __future__ import annotations
@@ -225,10 +230,13 @@ COLUMNS = [
 
 if __name__ == "__main__":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    load_before = os.getloadavg()[0]
     results = common.main("benchmarks.losses", CASES, measure,
                           processes=PROCESSES, interleave=True)
     if results is not None:
-        print(f"\nfloat32, classification [{ROWS}, {CLASSES}], elementwise [{ELEMENTS}]; "
+        print(f"\nload average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} "
+              f"at the end, {os.cpu_count()} cores")
+        print(f"float32, classification [{ROWS}, {CLASSES}], elementwise [{ELEMENTS}]; "
               "times: median over processes of the median of "
               f"{REPEATS} calls; ratio = median over processes of lossjax / faster of "
               "optax and torch in the same repetition (< 1: lossjax faster)\n")
