@@ -493,8 +493,11 @@ def ctc_loss(
     safe_labels = jnp.where(label_ok & in_label & use[:, None], labels, blank_id)
     safe_logit_lengths = jnp.where(use, logit_lengths, 0).astype(jnp.int32)
     safe_label_lengths = jnp.where(use, label_lengths, 0).astype(jnp.int32)
-    nll = _ctc_core(x, safe_logit_lengths, safe_labels.astype(jnp.int32),
-                    safe_label_lengths, int(blank_id))
+    if num_t:
+        nll = _ctc_core(x, safe_logit_lengths, safe_labels.astype(jnp.int32),
+                        safe_label_lengths, int(blank_id))
+    else:  # no frames: only the empty label sequence has an alignment
+        nll = jnp.where(safe_label_lengths == 0, 0.0, jnp.inf).astype(x.dtype)
     if zero_infinity:
         nll = jnp.where(jnp.isinf(nll), jnp.zeros((), nll.dtype), nll)
     nll = jnp.where(valid, nll, jnp.nan)

@@ -127,6 +127,14 @@ class TestTorchParity:
         assert np.isinf(_ours(*args, reduction="none")[0])
 
 
+    def test_no_frames(self):
+        # T = 0: only the empty label sequence has an alignment (probability 1).
+        x = jnp.zeros((2, 0, 4))
+        args = (jnp.array([0, 0]), jnp.array([[1, 2], [0, 0]]), jnp.array([2, 0]))
+        loss = _ours(x, *args, reduction="none")
+        assert np.isinf(loss[0]) and loss[1] == 0
+        assert jax.grad(lambda v: _ours(v, *args, reduction="sum"))(x).shape == x.shape
+
 class TestReferences:
     def test_brute_force_over_all_alignments(self):
         rng = np.random.default_rng(0)
