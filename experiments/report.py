@@ -151,9 +151,14 @@ def verdict(rows: list[dict]) -> str:
         strength = "a likely win"
     else:
         strength = "not separable from it with these seeds"
-    out = (f"`{best['loss']}` wins on {metric} with {_fmt(best['mean'], best['std'])}, "
-           f"ahead of `{second['loss']}` by {diff:.4f} (Welch t = {t:.2f}: "
-           f"{strength})")
+    if f"{diff:.4f}" == "0.0000":
+        # Equal at the reported precision (e.g. a loss and its fused form): no winner.
+        out = (f"`{best['loss']}` and `{second['loss']}` tie on {metric} at "
+               f"{_fmt(best['mean'], best['std'])} (equal to 4 decimals)")
+    else:
+        out = (f"`{best['loss']}` wins on {metric} with "
+               f"{_fmt(best['mean'], best['std'])}, ahead of `{second['loss']}` by "
+               f"{diff:.4f} (Welch t = {t:.2f}: {strength})")
     if len(rows) > 2:
         worst = rows[-1]
         out += (f"; last is `{worst['loss']}` ({_fmt(worst['mean'], worst['std'])}, "

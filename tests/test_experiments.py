@@ -430,6 +430,9 @@ def test_report_states_fused_vs_materialized_memory():
     assert "60 MiB" in text and "300 MiB" in text and "5.0x less" in text, text
     assert "2.00x" in text  # the speed ratio
     assert report.memory_comparison(rows[:1]) is None
+    # The same function computed two ways: a tie, not a win by 0.0000.
+    assert report.verdict(rows).startswith(
+        "`cross_entropy` and `linear_cross_entropy` tie on"), report.verdict(rows)
 
 
 def test_study_config_has_the_lm_scenario_with_a_cut_budget():
