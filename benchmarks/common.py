@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,8 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
+
+from experiments import memory
 
 
 def block(x):
@@ -59,18 +60,14 @@ def median_time(
     return statistics.median(times)
 
 
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# The trainer's own measures, so that benchmarks and experiment reports agree.
+peak_rss_mib = memory.peak_rss_mib
 
 
 def compiled_temp_mib(jitted, *args) -> float | None:
     """XLA's temporary buffer size for `jitted(*args)`, in MiB, where XLA reports it."""
-    try:
-        analysis = jitted.lower(*args).compile().memory_analysis()
-        return analysis.temp_size_in_bytes / 2**20
-    except Exception:  # Some backends report no memory analysis.
-        return None
+    analysis = memory.step_memory(jitted, *args)
+    return None if analysis is None else analysis["xla_temp_mib"]
 
 
 def run_case_in_fresh_process(module: str, case: str, timeout: float) -> dict:

@@ -62,6 +62,4 @@ def get_config(arg=None):
     c.optimizer.warmup_steps = 30
     c.optimizer.grad_clip = 1.0
     common.set_loss(c, LOSSES, args.get("loss", "linear_cross_entropy"))
-    if smoke:
-        c.batch_size = 16
     return common.finish(c, smoke, smoke_steps=20)

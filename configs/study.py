@@ -10,7 +10,7 @@ steps: seconds, for the tests; all tasks but `lm` unless `tasks` names it),
 
 A scenario is one entry of `config.scenarios`: the config module that defines the task
 (with its own `LOSSES` table, `METRIC` and `MODE`), the loss labels to compare, and
-overrides for its config (written with dotted field names, stored nested).
+overrides for its config (nested as the config is).
 
 Language modelling (`lm`, `configs/lm.py`) compares `cross_entropy` on materialized
 logits, the fused `linear_cross_entropy`, and the fused loss with z-loss and with
@@ -30,8 +30,8 @@ from configs import common
 # The language model's cut-down budget in the study (see the module docstring).
 LM_OVERRIDES = {
     "num_train_steps": 150, "eval_every_steps": 50, "checkpoint_every_steps": 150,
-    "optimizer.warmup_steps": 15, "data.kwargs.seq_len": 64,
-    "data.kwargs.max_test_windows": 64,
+    "optimizer": {"warmup_steps": 15},
+    "data": {"kwargs": {"seq_len": 64, "max_test_windows": 64}},
 }
 
 # What the report's caveats say about a scenario's study setting.
@@ -57,18 +57,6 @@ SCENARIOS = {
 SMOKE_TASKS = ("digits", "text", "regression", "asr")
 
 
-def nest(dotted: dict) -> dict:
-    """{"a.b": 1} -> {"a": {"b": 1}}."""
-    out: dict = {}
-    for key, value in dotted.items():
-        *path, last = key.split(".")
-        target = out
-        for part in path:
-            target = target.setdefault(part, {})
-        target[last] = value
-    return out
-
-
 def scenario(name: str, module: str, title: str, overrides: dict, *,
              smoke: bool) -> mlc.ConfigDict:
     mod = importlib.import_module(module)
@@ -82,7 +70,7 @@ def scenario(name: str, module: str, title: str, overrides: dict, *,
         "mode": mod.MODE,
         # Fields set on the task's config, nested as the config is (a ConfigDict key
         # holds no dots); smoke runs the task's own smoke variant for a few steps.
-        "overrides": {"num_train_steps": 10} if smoke else nest(overrides),
+        "overrides": {"num_train_steps": 10} if smoke else overrides,
         "caveat": "" if smoke else CAVEATS.get(name, ""),
     })
 

@@ -291,14 +291,12 @@ def _occupancy_scan(p: _Problem, alphas, log_z, scale):
     final_label = jnp.where(positions[:-1] == p.label_lengths[None] - 1, 0.0, _NEG_INF)
     skip_next = _pad_states(p.skip[1:], 0, 1)  # may label j go on to j + 1 directly?
     columns = jnp.broadcast_to(jnp.arange(p.labels.shape[1])[None], p.labels.shape)
-    # Frames past the end (t >= T, in the last chunk) read frame T - 1; their results
-    # are masked (t >= logit_length) and cut.
-    last_frame = num_t - 1
+    # Frames past the end (t >= T, in the last chunk) read frame T - 1 (dynamic
+    # indices clamp, as in the alpha loop); their results are masked and cut.
     log_z = jnp.where(jnp.isfinite(log_z), log_z, 0.0)
 
     def step(carry, t):
         next_blank, next_label, offset = carry  # beta + emission of frame t + 1
-        i = jnp.minimum(t, last_frame)
         blank = _lse2(next_blank, _pad_states(next_label, 0, 1))
         label = _lse3(next_label, next_blank[1:],
                       _pad_states(next_label[1:], 0, 1) + skip_next)
@@ -310,11 +308,11 @@ def _occupancy_scan(p: _Problem, alphas, log_z, scale):
         # offsets, which only has to keep exp in range; the frame's sum then
         # normalizes them (the rounding that the offsets and log p accumulate over
         # long sequences, shared by the frame's states, cancels).
-        shift = (lax.dynamic_index_in_dim(alpha_offsets, i, keepdims=False)
+        shift = (lax.dynamic_index_in_dim(alpha_offsets, t, keepdims=False)
                  + offset - log_z)[None]
-        occ_blank = jnp.exp(lax.dynamic_index_in_dim(alpha_blank, i, keepdims=False)
+        occ_blank = jnp.exp(lax.dynamic_index_in_dim(alpha_blank, t, keepdims=False)
                             + blank + shift)
-        occ_label = jnp.exp(lax.dynamic_index_in_dim(alpha_label, i, keepdims=False)
+        occ_label = jnp.exp(lax.dynamic_index_in_dim(alpha_label, t, keepdims=False)
                             + label + shift)
         occ_blank = jnp.sum(occ_blank, axis=0)
         total = occ_blank + jnp.sum(occ_label, axis=0)
@@ -326,7 +324,7 @@ def _occupancy_scan(p: _Problem, alphas, log_z, scale):
         occ = occ.at[p.labels, columns].add(occ_label * norm[None],
                                             mode="promise_in_bounds")
         occ = occ.at[p.blank_id].add(occ_blank * norm)
-        e_blank, e_label = p.emissions(i)
+        e_blank, e_label = p.emissions(t)
         return (blank + e_blank[None], label + e_label, offset), occ
 
     def renormalize(carry):
