@@ -40,16 +40,39 @@ LOSS_NAMES = ("linear_cross_entropy",)
 _NAME = "linear_cross_entropy"
 # Columns of `kernel` per block: a [tokens, block] f32 tile of logits lives at a time.
 # 1024 was fastest on CPU (measured with benchmarks/fused_ce.py); larger blocks fall out
-# of cache, smaller ones underuse the matmul.
-_DEFAULT_BLOCK = 1024
+# of cache, smaller ones underuse the matmul. On an H200 8192 was 10% faster than 1024
+# at Gemma-2-2B's head (fewer, larger matmuls), at 0.7 GiB of temp memory.
+_DEFAULT_BLOCK = {"cpu": 1024}
+_DEFAULT_BLOCK_ACCELERATOR = 8192
+# Loss and gradient of a "sum"/"mean" loss walk token blocks instead (see
+# `_fused_loss`): a [token_block, vocab] f32 tile of logits lives at a time, with
+# token_block * vocab at most this many entries (128 MiB on CPU, 1 GiB on accelerators)
+# and at most 1/8 of the tokens, so that no buffer comes near the full logits.
+_TILE_ENTRIES = {"cpu": 2**25}
+_TILE_ENTRIES_ACCELERATOR = 2**28
+_MIN_TOKEN_BLOCKS = 8
 
 
 def _dot(a, b, contract_a: int, contract_b: int, acc_dtype):
-    """A 2-D matmul contracting the given axes, accumulated in `acc_dtype`."""
-    return lax.dot_general(
-        a, b, (((contract_a,), (contract_b,)), ((), ())),
-        preferred_element_type=acc_dtype,
-    )
+    """A 2-D matmul contracting the given axes, accumulated in `acc_dtype`.
+
+    On CPU, bf16/f16 operands are converted to `acc_dtype` first: XLA:CPU multiplies
+    f32 at about 1.5x its bf16 rate (AVX2 has no bf16 arithmetic), and the result is
+    the same, since products of bf16 (or f16) numbers are exact in f32. Accelerators
+    keep their native low-precision matmul.
+    """
+
+    def native(a, b):
+        return lax.dot_general(
+            a, b, (((contract_a,), (contract_b,)), ((), ())),
+            preferred_element_type=acc_dtype,
+        )
+
+    if a.dtype == acc_dtype and b.dtype == acc_dtype:
+        return native(a, b)
+    return lax.platform_dependent(
+        a, b, cpu=lambda a, b: native(a.astype(acc_dtype), b.astype(acc_dtype)),
+        default=native)
 
 
 def _block_logits(h, kernel_b, bias_b, softcap, acc_dtype):
@@ -206,6 +229,128 @@ def _update(buffer, block_value, start):
 _fused_stats.defvjp(_fused_stats_fwd, _fused_stats_bwd)
 
 
+def _token_block(tokens: int, vocab: int) -> int:
+    """Tokens per block of the loss-and-gradient kernel (see `_TILE_ENTRIES`)."""
+    budget = _TILE_ENTRIES.get(jax.default_backend(), _TILE_ENTRIES_ACCELERATOR)
+    return max(1, min(budget // vocab, -(-tokens // _MIN_TOKEN_BLOCKS)))
+
+
+def _loss_of_stats(lse, xy, total, a, b, c, zc):
+    """The scalar loss sum(a lse + b xy + c total + zc lse^2) over tokens."""
+    return jnp.sum(a * lse + b * xy + c * total + zc * lse * lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12))
+def _fused_loss(h, kernel, bias, u, labels, a, b, c, zc, token_block, block, softcap,
+                need_sum):
+    """sum over tokens of `a lse + b x_label + c sum_k u_k x_k + zc lse^2`.
+
+    Every "sum"/"mean" option set of `linear_cross_entropy` is this form, with
+    per-token coefficients computed outside (from weights, masks, class weights, label
+    smoothing, z-loss and the reduction). Knowing them in the forward pass lets it
+    compute the gradients there, one token block at a time: three matmuls (logits,
+    d hidden, d kernel) instead of the vocab-block backward's four, which must
+    recompute the logits because its per-token cotangents arrive only afterwards. The
+    backward only scales the stored gradients by the incoming scalar cotangent.
+
+    A value-only call runs this primal: the vocab-block forward, one matmul.
+    """
+    lse, xy, total = _stats_forward(h, kernel, bias, u, labels, block, softcap,
+                                    need_sum)
+    return _loss_of_stats(lse, xy, total, a, b, c, zc)
+
+
+def _fused_loss_fwd(h, kernel, bias, u, labels, a, b, c, zc, token_block, block,
+                    softcap, need_sum):
+    acc = compute_dtype(h, kernel, bias)
+    tokens, d = h.shape
+    vocab = kernel.shape[1]
+    blocks = -(-tokens // token_block)
+    pad = blocks * token_block - tokens
+
+    def split(x):  # [tokens, ...] -> [blocks, token_block, ...], zero-padded
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape((blocks, token_block) + x.shape[1:])
+
+    full, rest = _vocab_blocks(vocab, block)
+
+    def kernel_grad_blocked(dkernel, h_b, dz_b):
+        # d kernel += h_b^T dz_b in vocab blocks: XLA:CPU runs this contraction over
+        # tokens at half speed when its output is the whole [d, vocab] at once.
+        def add(dkernel, start, width):
+            part = _dot(h_b, _slice(dz_b, start, width, 1), 0, 0, acc)
+            return _update(dkernel, _slice(dkernel, start, width, 1) + part, start)
+
+        if full:
+            dkernel = lax.fori_loop(
+                0, full, lambda i, g: add(g, i * block, block), dkernel)
+        if rest:
+            dkernel = add(dkernel, full * block, rest)
+        return dkernel
+
+    def kernel_grad(dkernel, h_b, dz_b):
+        # Accelerators: one matmul (a loop of small ones would be launch-bound).
+        return lax.platform_dependent(
+            dkernel, h_b, dz_b, cpu=kernel_grad_blocked,
+            default=lambda g, h_b, dz_b: g + _dot(h_b, dz_b, 0, 0, acc))
+
+    def step(carry, xs):
+        dkernel, dbias, du = carry
+        h_b, labels_b, a_b, b_b, c_b, zc_b = xs
+        x, th = _block_logits(h_b, kernel, bias, softcap, acc)  # [token_block, vocab]
+        m = jnp.max(x, axis=1)
+        e = jnp.exp(x - m[:, None])
+        s = jnp.sum(e, axis=1)
+        lse = m + jnp.log(s)
+        xy = jnp.take_along_axis(x, labels_b[:, None], 1)[:, 0]
+        if need_sum:
+            total = jnp.sum(x, axis=1) if u is None else _dot(x, u.astype(acc), 1, 0, acc)
+        else:
+            total = jnp.zeros_like(lse)
+        # d loss / d x: the softmax times d/d lse, the label's one-hot, and u.
+        g_lse = a_b + 2 * zc_b * lse
+        dx = (g_lse / s)[:, None] * e
+        dx = dx + jnp.where(jnp.arange(vocab)[None, :] == labels_b[:, None],
+                            b_b[:, None], 0)
+        if need_sum:
+            dx = dx + c_b[:, None] * (1 if u is None else u.astype(acc)[None, :])
+            if u is not None:
+                du = du + _dot(c_b, x, 0, 0, acc)
+        dz = dx if th is None else dx * (1 - th * th)  # d(s tanh(z/s))/dz
+        # Gradient matmuls in the inputs' dtype (as the unfused bf16 backward does),
+        # accumulated in f32.
+        dz_in = dz.astype(h.dtype)
+        dh_b = _dot(dz_in, kernel, 1, 1, acc)
+        dkernel = kernel_grad(dkernel, h_b, dz_in)
+        if bias is not None:
+            dbias = dbias + jnp.sum(dz, axis=0)
+        return (dkernel, dbias, du), (dh_b, lse, xy, total)
+
+    carry = (jnp.zeros((d, vocab), acc),
+             None if bias is None else jnp.zeros(bias.shape, acc),
+             None if u is None else jnp.zeros(u.shape, acc))
+    carry = _vary_like(carry, h)
+    xs = tuple(split(x) for x in (h, labels, a, b, c, zc))
+    (dkernel, dbias, du), (dh, lse, xy, total) = lax.scan(step, carry, xs)
+    dh, lse, xy, total = (x.reshape((-1,) + x.shape[2:])[:tokens]
+                          for x in (dh, lse, xy, total))
+    loss = _loss_of_stats(lse, xy, total, a, b, c, zc)
+    # Empty arrays of the inputs' dtypes: the backward casts the gradients to them.
+    dtypes = tuple(None if x is None else jnp.zeros((0,), x.dtype)
+                   for x in (h, kernel, bias, u))
+    return loss, ((dh, dkernel, dbias, du), (lse, xy, total, lse * lse), dtypes)
+
+
+def _fused_loss_bwd(token_block, block, softcap, need_sum, residuals, g):
+    grads, stats, dtypes = residuals
+    grads = tuple(None if x is None else (g * x).astype(like.dtype)
+                  for x, like in zip(grads, dtypes))
+    return grads + (None,) + tuple(g * x for x in stats)
+
+
+_fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)
+
+
 def _match_varying(arrays):
     """Makes every array vary over the same shard_map axes (None entries stay None).
 
@@ -287,7 +432,8 @@ def linear_cross_entropy(
       where: bool, broadcastable to `labels.shape`; False entries count for nothing.
       weights: float, broadcastable to `labels.shape`; per-entry weights.
       reduction: "none", "sum" or "mean".
-      block_size: vocab columns per block (default 1024, capped at the vocab size).
+      block_size: vocab columns per block (default 1024 on CPU, 8192 on
+        accelerators; capped at the vocab size).
       return_lse: also return the per-token logsumexp of the soft-capped logits.
       axis_name: the mesh axis the vocab is sharded over (inside `shard_map` or
         `pmap`), or None.
@@ -334,7 +480,7 @@ def linear_cross_entropy(
             _checks.check_shape(name, x, (local_vocab,),
                                 against=f"kernel of shape {kernel.shape}")
     if block_size is None:
-        block = _DEFAULT_BLOCK
+        block = _DEFAULT_BLOCK.get(jax.default_backend(), _DEFAULT_BLOCK_ACCELERATOR)
     elif isinstance(block_size, int) and block_size > 0:
         block = block_size
     else:
@@ -378,48 +524,71 @@ def linear_cross_entropy(
     need_sum = bool(label_smoothing)
     h2, kernel_, bias_, cw_ = _match_varying([h2, kernel, bias, class_weights])
     u = cw_ if need_sum else None
+    def loss_of_stats(lse, label_logit, total):
+        """The reduced loss, and the lse in the loss shape, from per-token stats."""
+        label_weight = wbar = None
+        if class_weights is not None:
+            owned = (local_labels >= 0) & (local_labels < local_vocab)
+            label_weight = jnp.where(owned, class_weights.astype(dtype)[
+                jnp.clip(local_labels, 0, local_vocab - 1)], 0)
+            wbar = jnp.sum(class_weights.astype(dtype))
+        if axis_name is not None:
+            # Combine the shards' logsumexps; the max is only a shift (the result does
+            # not depend on it), so it needs no gradient.
+            m = lax.pmax(lax.stop_gradient(lse), axis_name)
+            lse = m + jnp.log(lax.psum(jnp.exp(lse - m), axis_name))
+            label_logit = lax.psum(label_logit, axis_name)
+            if need_sum:
+                total = lax.psum(total, axis_name)
+            if class_weights is not None:
+                label_weight = lax.psum(label_weight, axis_name)
+                wbar = lax.psum(wbar, axis_name)
+        lse = lse.reshape(loss_shape)
+        label_logit = label_logit.reshape(loss_shape)
+
+        # The per-entry loss, term by term as cross_entropy.
+        nll = lse - label_logit
+        if class_weights is not None:
+            label_weight = label_weight.reshape(loss_shape)
+            wbar = wbar / vocab
+            nll = label_weight * nll
+        if label_smoothing:
+            mean_weighted_logit = total.reshape(loss_shape) / vocab
+            uniform = (lse if class_weights is None else wbar * lse) - mean_weighted_logit
+            nll = (1.0 - label_smoothing) * nll + label_smoothing * uniform
+        entry = nll + z_loss * lse**2 if z_loss else nll
+        entry = jnp.where(in_range, entry, jnp.nan)
+        normalizer, entry_weights = None, weights
+        if label_weight is not None:
+            normalizer = label_weight if weights is None else weights * label_weight
+            if weights is None:
+                entry_weights = jnp.ones((), dtype)
+        loss = reduce_loss(entry, kept=kept, weights=entry_weights, reduction=reduction,
+                           normalizer=normalizer)
+        return loss, lse
+
+    tokens = h2.shape[0]
+    if reduction != "none" and not return_lse and axis_name is None and tokens > 1:
+        # Loss and gradient in one token-block pass (`_fused_loss`). The loss is linear
+        # in the per-token statistics except for z-loss's lse^2, so its coefficients
+        # are `loss_of_stats`'s derivatives at zero (and at lse = 1 for the quadratic
+        # part), and its value at zero is 0 (NaN when a kept label is out of range).
+        zeros, ones = jnp.zeros((tokens,), dtype), jnp.ones((tokens,), dtype)
+
+        def stats_loss(lse, label_logit, total):
+            return loss_of_stats(lse, label_logit, total)[0]
+
+        a, b, c = jax.grad(stats_loss, argnums=(0, 1, 2))(zeros, zeros, zeros)
+        zc = (jax.grad(stats_loss)(ones, zeros, zeros) - a) / 2
+        return stats_loss(zeros, zeros, zeros) + _fused_loss(
+            h2, kernel_, bias_, u, local_labels, a, b, c, zc,
+            _token_block(tokens, local_vocab), block, logit_softcap, need_sum)
+
+    # Per-token losses, the lse output or vocab shards: per-token statistics with
+    # per-token cotangents (`_fused_stats`).
     lse, label_logit, total = _fused_stats(
         h2, kernel_, bias_, u, local_labels, block, logit_softcap, need_sum)
-    label_weight = wbar = None
-    if class_weights is not None:
-        local = local_labels
-        owned = (local >= 0) & (local < local_vocab)
-        label_weight = jnp.where(
-            owned, class_weights.astype(dtype)[jnp.clip(local, 0, local_vocab - 1)], 0)
-        wbar = jnp.sum(class_weights.astype(dtype))
-    if axis_name is not None:
-        # Combine the shards' logsumexps; the max is only a shift (the result does not
-        # depend on it), so it needs no gradient.
-        m = lax.pmax(lax.stop_gradient(lse), axis_name)
-        lse = m + jnp.log(lax.psum(jnp.exp(lse - m), axis_name))
-        label_logit = lax.psum(label_logit, axis_name)
-        if need_sum:
-            total = lax.psum(total, axis_name)
-        if class_weights is not None:
-            label_weight = lax.psum(label_weight, axis_name)
-            wbar = lax.psum(wbar, axis_name)
-    lse = lse.reshape(loss_shape)
-    label_logit = label_logit.reshape(loss_shape)
-
-    # The per-entry loss from the per-token statistics, term by term as cross_entropy.
-    nll = lse - label_logit
-    if class_weights is not None:
-        label_weight = label_weight.reshape(loss_shape)
-        wbar = wbar / vocab
-        nll = label_weight * nll
-    if label_smoothing:
-        mean_weighted_logit = total.reshape(loss_shape) / vocab
-        uniform = (lse if class_weights is None else wbar * lse) - mean_weighted_logit
-        nll = (1.0 - label_smoothing) * nll + label_smoothing * uniform
-    entry = nll + z_loss * lse**2 if z_loss else nll
-    entry = jnp.where(in_range, entry, jnp.nan)
-    normalizer = None
-    if label_weight is not None:
-        normalizer = label_weight if weights is None else weights * label_weight
-        if weights is None:
-            weights = jnp.ones((), dtype)
-    loss = reduce_loss(entry, kept=kept, weights=weights, reduction=reduction,
-                       normalizer=normalizer)
+    loss, lse = loss_of_stats(lse, label_logit, total)
     if not return_lse:
         return loss
     return loss, (lse if kept is None else jnp.where(kept, lse, 0))
