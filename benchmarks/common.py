@@ -62,6 +62,9 @@ def median_time(
 
 # The trainer's own measures, so that benchmarks and experiment reports agree.
 peak_rss_mib = memory.peak_rss_mib
+current_rss_mib = memory.current_rss_mib
+reset_peak_rss = memory.reset_peak_rss
+peak_rss_since_reset_mib = memory.peak_rss_since_reset_mib
 
 
 def compiled_temp_mib(jitted, *args) -> float | None:

@@ -15,10 +15,14 @@ over tokens:
   "mosaic_tpu" (TPU only), and no "chunked_xla".
 
 Each case runs in a fresh process (benchmarks/common.py) and reports the median wall
-time, the process's peak RSS and XLA's compiled temp size; on a GPU also the device
-allocator's peak (`device_peak_mib`), which is what the fused loss saves there. A case whose compiled temp
-size would not fit in 60% of the memory available is reported as skipped instead of
-run, so that it cannot push the machine into the OOM killer.
+time, XLA's compiled temp size and two RSS figures: `peak_rss_mib`, the process's peak
+while the timed calls run (Linux lets the peak be reset after compiling), and
+`call_rss_mib`, that peak minus the RSS just before the first call (runtime, compiled
+code and inputs are most of the process's peak at the small shape). On a GPU also the
+device allocator's peak (`device_peak_mib`, which includes compiling), which is what
+the fused loss saves there. A case whose compiled temp size would not fit in 60% of
+the memory available is reported as skipped instead of run, so that it cannot push
+the machine into the OOM killer.
 """
 
 from __future__ import annotations
@@ -97,6 +101,7 @@ def measure(case: str) -> dict:
     hidden = jax.jit(lambda k: jax.random.normal(k, (n, d), dtype))(k1)
     kernel = jax.jit(lambda k: jax.random.normal(k, (d, v), dtype) / d**0.5)(k2)
     labels = jax.random.randint(k3, (n,), 0, v)
+    common.block((hidden, kernel, labels))  # in memory before `rss_before` is read
     fn = _loss_fn(impl, labels)
     if mode == "loss+grad":
         fn = jax.value_and_grad(fn, argnums=(0, 1))
@@ -110,6 +115,9 @@ def measure(case: str) -> dict:
     if temp_mib is not None and temp_mib > 0.6 * _available_mib():
         result["note"] = f"skipped: needs {temp_mib / 1024:.1f} GiB temp"
         return result
+    # The calls' own memory: their peak above what the process holds now (runtime,
+    # compiled code, inputs), which at the small shape are most of the peak.
+    rss_before = common.current_rss_mib() if common.reset_peak_rss() else None
     big = n * v >= 2**29 and jax.default_backend() == "cpu"
     # Big shapes take minutes per call on two CPU cores: one timed call of the already
     # compiled function, which also pays for first-touch of its fresh buffers (as the
@@ -117,6 +125,8 @@ def measure(case: str) -> dict:
     seconds = common.median_time(lambda: compiled(hidden, kernel),
                                  repeats=1 if big else 5, warmup=0 if big else 2)
     result.update(time_s=seconds, peak_rss_mib=common.peak_rss_mib())
+    if rss_before is not None:
+        result["call_rss_mib"] = common.peak_rss_since_reset_mib() - rss_before
     stats = jax.devices()[0].memory_stats()
     if jax.default_backend() != "cpu" and stats and "peak_bytes_in_use" in stats:
         # On an accelerator the host RSS says little: the device allocator's peak is
@@ -137,11 +147,13 @@ def _table(results):
         if b and "time_s" in r:
             row["time_vs_naive_lg"] = r["time_s"] / b["time_s"]
             row["rss_vs_naive_lg"] = r["peak_rss_mib"] / b["peak_rss_mib"]
+            if "call_rss_mib" in r and b.get("call_rss_mib"):
+                row["call_rss_vs_naive_lg"] = r["call_rss_mib"] / b["call_rss_mib"]
             if "device_peak_mib" in r and "device_peak_mib" in b:
                 row["device_peak_vs_naive_lg"] = r["device_peak_mib"] / b["device_peak_mib"]
         rows.append(row)
     columns = ["shape", "impl", "mode", "time_s", "time_vs_naive_lg", "peak_rss_mib",
-               "rss_vs_naive_lg", "device_peak_mib", "device_peak_vs_naive_lg", "temp_mib", "device", "note", "error"]
+               "rss_vs_naive_lg", "call_rss_mib", "call_rss_vs_naive_lg", "device_peak_mib", "device_peak_vs_naive_lg", "temp_mib", "device", "note", "error"]
     return common.markdown_table(rows, columns)
 
 

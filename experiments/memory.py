@@ -55,3 +55,39 @@ def peak_rss_mib() -> float:
     tests) it is the largest of them so far, not this run's own.
     """
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _status_mib(field: str) -> float | None:
+    """A memory field of /proc/self/status ("VmRSS", "VmHWM"), in MiB (Linux only)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def current_rss_mib() -> float | None:
+    """Resident memory of this process now, in MiB (Linux; None elsewhere)."""
+    return _status_mib("VmRSS")
+
+
+def reset_peak_rss() -> bool:
+    """Restarts the kernel's peak-RSS record from the current RSS (Linux).
+
+    Both `peak_rss_mib()` and `peak_rss_since_reset_mib()` then report the peak of
+    what ran since (not of compiling before it, say). False where not supported.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset_mib() -> float | None:
+    """Peak resident memory since `reset_peak_rss()`, in MiB (Linux; None elsewhere)."""
+    return _status_mib("VmHWM")

@@ -128,6 +128,32 @@ def test_class_weights_gradient_matches():
     assert _rel(jax.grad(fused)(cw), jax.grad(naive)(cw)) < 1e-5
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_token_blocks_with_padding_and_weight_gradients(reduction):
+    # 61 tokens: the loss-and-gradient kernel's token blocks (8 tokens) leave a
+    # partial block; gradients w.r.t. the per-token weights too, which reach the
+    # loss through the kernel's per-token coefficients.
+    rng = np.random.default_rng(1)
+    h, w, b, y = _inputs(rng, shape=(61,))
+    cw = jnp.asarray(rng.uniform(0.25, 2.0, V), jnp.float32)
+    weights = jnp.asarray(rng.uniform(0.0, 2.0, (61,)), jnp.float32)
+    opts = dict(class_weights=cw, label_smoothing=0.1, z_loss=1e-2, logit_softcap=4.0,
+                reduction=reduction)
+
+    def fused(h, w, b, weights):
+        return linear_cross_entropy(h, w, y, bias=b, weights=weights, block_size=BLOCK,
+                                    **opts)
+
+    def naive(h, w, b, weights):
+        return lossjax.cross_entropy(h @ w + b, y, weights=weights, **opts)
+
+    v1, g1 = jax.value_and_grad(fused, argnums=(0, 1, 2, 3))(h, w, b, weights)
+    v2, g2 = jax.value_and_grad(naive, argnums=(0, 1, 2, 3))(h, w, b, weights)
+    _assert_close(v1, v2, rtol=1e-6)
+    for name, a, c in zip(("hidden", "kernel", "bias", "weights"), g1, g2):
+        assert _rel(a, c) < 1e-5, (name, _rel(a, c))
+
+
 @pytest.mark.parametrize("softcap", [None, 4.0])
 def test_return_lse(softcap):
     rng = np.random.default_rng(0)
