@@ -15,7 +15,7 @@ logits and their gradient live) and the process's `memory/peak_rss_mib`.
 
 Default: 16,384-token vocabulary, 128-token windows, 2 layers of width 128, batch
 16, 300 steps, test metrics on 128 held-out windows (16k tokens). On a 2-core CPU:
-about 2.5 steps/s with `linear_cross_entropy`, 1.3 with `cross_entropy`. The study
+about 3.3 steps/s with `linear_cross_entropy`, 1.4 with `cross_entropy`. The study
 (`configs/study.py`, task `lm`) runs a shorter variant of it.
 
     ./launch.sh cpu experiments.main --config=configs/lm.py:loss=linear_cross_entropy \
