@@ -279,8 +279,15 @@ def _fused_loss_fwd(h, kernel, bias, u, labels, a, b, c, zc, token_block, block,
     pad = blocks * token_block - tokens
 
     def split(x):  # [tokens, ...] -> [blocks, token_block, ...], zero-padded
+        # Block i holds tokens i, i + blocks, i + 2 blocks, ...: strided, so that
+        # tokens sharded over devices (data parallelism under jit) stay sharded
+        # within every block instead of each block living on one device.
         x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-        return x.reshape((blocks, token_block) + x.shape[1:])
+        return jnp.swapaxes(x.reshape((token_block, blocks) + x.shape[1:]), 0, 1)
+
+    def merge(x):  # the inverse of split, without the padding
+        x = jnp.swapaxes(x, 0, 1)
+        return x.reshape((-1,) + x.shape[2:])[:tokens]
 
     full, rest = _vocab_blocks(vocab, block)
 
@@ -342,8 +349,7 @@ def _fused_loss_fwd(h, kernel, bias, u, labels, a, b, c, zc, token_block, block,
     carry = _vary_like(carry, h)
     xs = tuple(split(x) for x in (h, labels, a, b, c, zc))
     (dkernel, dbias, du), (dh, lse, xy, total) = lax.scan(step, carry, xs)
-    dh, lse, xy, total = (x.reshape((-1,) + x.shape[2:])[:tokens]
-                          for x in (dh, lse, xy, total))
+    dh, lse, xy, total = (merge(x) for x in (dh, lse, xy, total))
     loss = _loss_of_stats(lse, xy, total, a, b, c, zc)
     # Empty arrays of the inputs' dtypes: the backward casts the gradients to them.
     dtypes = tuple(None if x is None else jnp.zeros((0,), x.dtype)
@@ -414,6 +420,10 @@ def linear_cross_entropy(
     backward recomputes the logits block by block instead (four matmuls,
     `O(tokens * block_size)` memory). bf16 inputs are multiplied with f32
     accumulation (on CPU, converted to f32 first: faster there, same result).
+    Under `jit` with the tokens sharded over devices, each token block is spread over
+    all devices (blocks are strided), and the kernel's gradient is all-reduced once
+    per token block; inside `shard_map` on local tokens it is not reduced at all
+    (reduce the gradients yourself, once).
 
     With `axis_name`, call it inside `jax.shard_map` with `kernel` (and `bias`,
     `class_weights`) sharded over that mesh axis on the vocab dimension: each shard
