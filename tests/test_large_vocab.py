@@ -274,6 +274,31 @@ class VariantsTest(parameterized.TestCase):
                                    rtol=1e-6)
 
 
+def test_jit_with_tokens_sharded_stays_data_parallel():
+    # Tokens sharded over 8 devices under plain jit (the trainer's data parallelism):
+    # the loss-and-gradient kernel's token blocks must stay sharded, not be gathered
+    # onto every device (which would repeat the whole computation 8 times).
+    rng = np.random.default_rng(0)
+    h, w, b, y = _inputs(rng, shape=(256,))
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    tokens = jax.sharding.NamedSharding(mesh, P("data"))
+    replicated = jax.sharding.NamedSharding(mesh, P())
+    hs, ys = jax.device_put(h, tokens), jax.device_put(y, tokens)
+    ws, bs = jax.device_put(w, replicated), jax.device_put(b, replicated)
+
+    def f(h, w, b, y):
+        return linear_cross_entropy(h, w, y, bias=b, label_smoothing=0.1,
+                                    block_size=BLOCK)
+
+    step = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+    assert "all-gather" not in step.lower(hs, ws, bs, ys).compile().as_text()
+    (v1, g1), (v2, g2) = step(hs, ws, bs, ys), jax.value_and_grad(
+        f, argnums=(0, 1, 2))(h, w, b, y)
+    _assert_close(v1, v2, rtol=1e-6)
+    for a, c in zip(g1, g2):
+        assert _rel(a, c) < 1e-5
+
+
 def test_pmap_tokens_and_pmap_vocab_parallel():
     n = jax.device_count()
     assert n == 8
