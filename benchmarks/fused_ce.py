@@ -124,9 +124,11 @@ def measure(case: str) -> dict:
     # first step of a training run does).
     seconds = common.median_time(lambda: compiled(hidden, kernel),
                                  repeats=1 if big else 5, warmup=0 if big else 2)
-    result.update(time_s=seconds, peak_rss_mib=common.peak_rss_mib())
-    if rss_before is not None:
-        result["call_rss_mib"] = common.peak_rss_since_reset_mib() - rss_before
+    if rss_before is None:
+        result.update(time_s=seconds, peak_rss_mib=common.peak_rss_mib())
+    else:
+        peak = common.peak_rss_since_reset_mib()
+        result.update(time_s=seconds, peak_rss_mib=peak, call_rss_mib=peak - rss_before)
     stats = jax.devices()[0].memory_stats()
     if jax.default_backend() != "cpu" and stats and "peak_bytes_in_use" in stats:
         # On an accelerator the host RSS says little: the device allocator's peak is
@@ -153,7 +155,9 @@ def _table(results):
                 row["device_peak_vs_naive_lg"] = r["device_peak_mib"] / b["device_peak_mib"]
         rows.append(row)
     columns = ["shape", "impl", "mode", "time_s", "time_vs_naive_lg", "peak_rss_mib",
-               "rss_vs_naive_lg", "call_rss_mib", "call_rss_vs_naive_lg", "device_peak_mib", "device_peak_vs_naive_lg", "temp_mib", "device", "note", "error"]
+               "rss_vs_naive_lg", "call_rss_mib", "call_rss_vs_naive_lg",
+               "device_peak_mib", "device_peak_vs_naive_lg", "temp_mib", "device",
+               "note", "error"]
     return common.markdown_table(rows, columns)
 
 

@@ -77,8 +77,8 @@ def current_rss_mib() -> float | None:
 def reset_peak_rss() -> bool:
     """Restarts the kernel's peak-RSS record from the current RSS (Linux).
 
-    Both `peak_rss_mib()` and `peak_rss_since_reset_mib()` then report the peak of
-    what ran since (not of compiling before it, say). False where not supported.
+    `peak_rss_since_reset_mib()` then reports the peak of what ran since (not of
+    compiling before it, say). False where not supported.
     """
     try:
         with open("/proc/self/clear_refs", "w") as f:

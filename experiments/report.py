@@ -151,7 +151,7 @@ def verdict(rows: list[dict]) -> str:
         strength = "a likely win"
     else:
         strength = "not separable from it with these seeds"
-    if f"{diff:.4f}" == "0.0000":
+    if round(diff, 4) == 0:
         # Equal at the reported precision (e.g. a loss and its fused form): no winner.
         out = (f"`{best['loss']}` and `{second['loss']}` tie on {metric} at "
                f"{_fmt(best['mean'], best['std'])} (equal to 4 decimals)")

@@ -52,15 +52,22 @@ _NAME = "linear_cross_entropy"
 # 1024 was fastest on CPU (measured with benchmarks/fused_ce.py); larger blocks fall out
 # of cache, smaller ones underuse the matmul. On an H200 8192 was 10% faster than 1024
 # at Gemma-2-2B's head (fewer, larger matmuls), at 0.7 GiB of temp memory.
-_DEFAULT_BLOCK = {"cpu": 1024}
-_DEFAULT_BLOCK_ACCELERATOR = 8192
+_BLOCK_CPU, _BLOCK_ACCELERATOR = 1024, 8192
 # Loss and gradient of a "sum"/"mean" loss walk token blocks instead (see
 # `_fused_loss`): a [token_block, vocab] f32 tile of logits lives at a time, with
 # token_block * vocab at most this many entries (128 MiB on CPU, 1 GiB on accelerators)
 # and at most 1/8 of the tokens, so that no buffer comes near the full logits.
-_TILE_ENTRIES = {"cpu": 2**25}
-_TILE_ENTRIES_ACCELERATOR = 2**28
+_TILE_ENTRIES_CPU, _TILE_ENTRIES_ACCELERATOR = 2**25, 2**28
 _MIN_TOKEN_BLOCKS = 8
+
+
+def _for_backend(cpu, accelerator):
+    """The CPU or the accelerator value of a block size, for the default backend.
+
+    Block sizes fix shapes, so they are chosen when tracing; choices that keep the
+    shapes (`_dot`'s operand dtype) use `lax.platform_dependent` instead.
+    """
+    return cpu if jax.default_backend() == "cpu" else accelerator
 
 
 def _dot(a, b, contract_a: int, contract_b: int, acc_dtype):
@@ -240,12 +247,12 @@ _fused_stats.defvjp(_fused_stats_fwd, _fused_stats_bwd)
 
 
 def _token_block(tokens: int, vocab: int) -> int:
-    """Tokens per block of the loss-and-gradient kernel (see `_TILE_ENTRIES`)."""
-    budget = _TILE_ENTRIES.get(jax.default_backend(), _TILE_ENTRIES_ACCELERATOR)
+    """Tokens per block of the loss-and-gradient kernel (see `_TILE_ENTRIES_CPU`)."""
+    budget = _for_backend(_TILE_ENTRIES_CPU, _TILE_ENTRIES_ACCELERATOR)
     return max(1, min(budget // vocab, -(-tokens // _MIN_TOKEN_BLOCKS)))
 
 
-def _loss_of_stats(lse, xy, total, a, b, c, zc):
+def _coefficient_loss(lse, xy, total, a, b, c, zc):
     """The scalar loss sum(a lse + b xy + c total + zc lse^2) over tokens."""
     return jnp.sum(a * lse + b * xy + c * total + zc * lse * lse)
 
@@ -267,7 +274,7 @@ def _fused_loss(h, kernel, bias, u, labels, a, b, c, zc, token_block, block, sof
     """
     lse, xy, total = _stats_forward(h, kernel, bias, u, labels, block, softcap,
                                     need_sum)
-    return _loss_of_stats(lse, xy, total, a, b, c, zc)
+    return _coefficient_loss(lse, xy, total, a, b, c, zc)
 
 
 def _fused_loss_fwd(h, kernel, bias, u, labels, a, b, c, zc, token_block, block,
@@ -350,7 +357,7 @@ def _fused_loss_fwd(h, kernel, bias, u, labels, a, b, c, zc, token_block, block,
     xs = tuple(split(x) for x in (h, labels, a, b, c, zc))
     (dkernel, dbias, du), (dh, lse, xy, total) = lax.scan(step, carry, xs)
     dh, lse, xy, total = (merge(x) for x in (dh, lse, xy, total))
-    loss = _loss_of_stats(lse, xy, total, a, b, c, zc)
+    loss = _coefficient_loss(lse, xy, total, a, b, c, zc)
     # Empty arrays of the inputs' dtypes: the backward casts the gradients to them.
     dtypes = tuple(None if x is None else jnp.zeros((0,), x.dtype)
                    for x in (h, kernel, bias, u))
@@ -505,7 +512,7 @@ def linear_cross_entropy(
             _checks.check_shape(name, x, (local_vocab,),
                                 against=f"kernel of shape {kernel.shape}")
     if block_size is None:
-        block = _DEFAULT_BLOCK.get(jax.default_backend(), _DEFAULT_BLOCK_ACCELERATOR)
+        block = _for_backend(_BLOCK_CPU, _BLOCK_ACCELERATOR)
     elif isinstance(block_size, int) and block_size > 0:
         block = block_size
     else:
@@ -549,6 +556,7 @@ def linear_cross_entropy(
     need_sum = bool(label_smoothing)
     h2, kernel_, bias_, cw_ = _match_varying([h2, kernel, bias, class_weights])
     u = cw_ if need_sum else None
+
     def loss_of_stats(lse, label_logit, total):
         """The reduced loss, and the lse in the loss shape, from per-token stats."""
         label_weight = wbar = None
@@ -598,6 +606,7 @@ def linear_cross_entropy(
         # in the per-token statistics except for z-loss's lse^2, so its coefficients
         # are `loss_of_stats`'s derivatives at zero (and at lse = 1 for the quadratic
         # part), and its value at zero is 0 (NaN when a kept label is out of range).
+        # A single token's block would be its whole logits row: the vocab-block path.
         zeros, ones = jnp.zeros((tokens,), dtype), jnp.ones((tokens,), dtype)
 
         def stats_loss(lse, label_logit, total):

@@ -126,7 +126,6 @@ class TestTorchParity:
                 np.array([4]))
         assert np.isinf(_ours(*args, reduction="none")[0])
 
-
     def test_no_frames(self):
         # T = 0: only the empty label sequence has an alignment (probability 1).
         x = jnp.zeros((2, 0, 4))
@@ -134,6 +133,7 @@ class TestTorchParity:
         loss = _ours(x, *args, reduction="none")
         assert np.isinf(loss[0]) and loss[1] == 0
         assert jax.grad(lambda v: _ours(v, *args, reduction="sum"))(x).shape == x.shape
+
 
 class TestReferences:
     def test_brute_force_over_all_alignments(self):
