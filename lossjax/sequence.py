@@ -146,6 +146,8 @@ class _Problem(NamedTuple):
     logits: jax.Array  # [B, T, K] float32
     lse: jax.Array  # [B, T]: log_softmax = logits - lse
     labels: jax.Array  # [L, B] int32, padding already replaced by the blank
+    frame_index: jax.Array  # [L, B] int32: where label j of sequence b is in a frame's
+    #                         flattened [B * K] logits
     real: jax.Array  # [L, B] bool: label j exists (j < label_length)
     skip: jax.Array  # [L, B]: 0 where label j may follow label j-1 directly, else -inf
     logit_lengths: jax.Array  # [B]
@@ -161,17 +163,19 @@ class _Problem(NamedTuple):
         # A repeated label needs a blank in between: no skip onto it.
         skip = jnp.where(labels != previous, 0.0, _NEG_INF)
         real = jnp.arange(labels.shape[0])[:, None] < label_lengths[None, :]
-        return cls(logits, lse, labels, real, skip, logit_lengths, label_lengths,
-                   blank_id)
+        frame_index = labels + logits.shape[-1] * jnp.arange(labels.shape[1])[None, :]
+        return cls(logits, lse, labels, frame_index, real, skip, logit_lengths,
+                   label_lengths, blank_id)
 
     def emissions(self, t):
         """Log-probs of frame t: the blank [B] and the labels [L, B] (-inf past each
         label length)."""
         x = lax.dynamic_index_in_dim(self.logits, t, axis=1, keepdims=False)  # [B, K]
         lse = lax.dynamic_index_in_dim(self.lse, t, axis=1, keepdims=False)
-        rows = jnp.arange(x.shape[0])[None, :]
-        label = x.at[rows, self.labels].get(mode="promise_in_bounds") - lse[None]
-        return x[:, self.blank_id] - lse, jnp.where(self.real, label, _NEG_INF)
+        # One index per entry into the flattened frame: cheaper than a 2-D gather.
+        label = x.reshape(-1).at[self.frame_index].get(mode="promise_in_bounds")
+        return x[:, self.blank_id] - lse, jnp.where(self.real, label - lse[None],
+                                                    _NEG_INF)
 
     def zeros(self, num_states):
         """A [num_states, B] float32 zero built from the inputs: under shard_map a
@@ -215,26 +219,35 @@ def _alpha_scan(p: _Problem, save: bool):
     init_label = p.zeros(num_labels) + _NEG_INF
 
     def step(carry, t):
-        blank, label = carry
+        blank, label, saved = carry
         e_blank, e_label = p.emissions(t)
         # Blank j comes from itself or label j - 1; label j from itself, blank j, or
         # label j - 1 when the two labels differ.
-        new_blank = _lse2(blank, _pad_states(label, 1, 0)) + e_blank[None]
-        new_label = _lse3(label, blank[:-1], _pad_states(label[:-1], 1, 0) + p.skip) \
+        into_blank = _lse2(blank, _pad_states(label, 1, 0))
+        new_blank = into_blank + e_blank[None]
+        new_label = _lse2(label, jnp.where(p.skip == 0.0, into_blank[:-1], blank[:-1])) \
             + e_label
         # Past its length a sequence's alpha is frozen, so the final carry holds the
         # alpha of its last frame.
         running = (t < p.logit_lengths)[None]
         new_blank = jnp.where(running, new_blank, blank)
         new_label = jnp.where(running, new_label, label)
-        return (new_blank, new_label), ((new_blank, new_label) if save else None)
+        # Written into [T, ...] buffers carried by the loop (in place), not stacked
+        # per chunk and copied out. Frames past T (in the last chunk) write at T - 1
+        # (dynamic indices clamp) the same frozen values as frame T - 1.
+        saved = tuple(lax.dynamic_update_index_in_dim(buffer, value, t, 0)
+                      for buffer, value in zip(saved, (new_blank, new_label)))
+        return (new_blank, new_label, saved), None
 
     def renormalize(carry):
-        peak = _peak(*carry)
-        return (carry[0] - peak[None], carry[1] - peak[None]), peak
+        blank, label, saved = carry
+        peak = _peak(blank, label)
+        return (blank - peak[None], label - peak[None], saved), peak
 
-    (blank, label), alphas, peaks = _chunked_scan(
-        step, renormalize, (init_blank, init_label), num_t)
+    saved = tuple(jnp.broadcast_to(x, (num_t,) + x.shape)
+                  for x in (init_blank, init_label)) if save else ()
+    (blank, label, alphas), _, peaks = _chunked_scan(
+        step, renormalize, (init_blank, init_label, saved), num_t)
     # Summed after the loop (pairwise) rather than carried: less rounding.
     log_scale = jnp.sum(peaks, axis=0)
     if not save:
@@ -298,8 +311,7 @@ def _occupancy_scan(p: _Problem, alphas, log_z, scale):
     def step(carry, t):
         next_blank, next_label, offset = carry  # beta + emission of frame t + 1
         blank = _lse2(next_blank, _pad_states(next_label, 0, 1))
-        label = _lse3(next_label, next_blank[1:],
-                      _pad_states(next_label[1:], 0, 1) + skip_next)
+        label = _lse2(next_label, jnp.where(skip_next == 0.0, blank[1:], next_blank[1:]))
         last = t >= p.logit_lengths - 1
         blank = jnp.where(last[None], final_blank, blank)
         label = jnp.where(last[None], final_label, label)
