@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _CHECKS_ON = contextvars.ContextVar("lossjax_value_checks", default=False)
 
@@ -94,6 +95,62 @@ def normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
     return axis % ndim
 
 
+# --- hyperparameters ----------------------------------------------------------------
+
+
+def _concrete_number(value):
+    """`value` as a float if it is a Python or NumPy number (a traced array: None)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float, np.number)) or (
+        isinstance(value, np.ndarray) and value.ndim == 0
+    ):
+        return float(value)
+    return None
+
+
+def check_range(
+    name: str,
+    value,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Raises ValueError if a Python number `value` lies outside its valid range.
+
+    The range is [low, high], each end open when `low_open` / `high_open` and absent
+    when None. A traced array passes: its value is unknown while tracing, and a
+    schedule or a learnable hyperparameter must stay traceable.
+    """
+    v = _concrete_number(value)
+    if v is None:
+        return
+    too_low = low is not None and (v <= low if low_open else v < low)
+    too_high = high is not None and (v >= high if high_open else v > high)
+    if too_low or too_high or v != v:
+        if low is not None and high is not None:
+            rng = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            rule = f"in {rng}"
+        elif low is not None:
+            rule = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            rule = f"{'<' if high_open else '<='} {high:g}"
+        raise ValueError(f"{name} must be {rule}, got {value!r}.")
+
+
+def is_zero(value) -> bool:
+    """True iff `value` is a Python / NumPy number equal to 0.
+
+    Lets a loss skip a term that a hyperparameter switches off (label_smoothing=0.0)
+    without a Python `if` on a traced value: a traced hyperparameter is never
+    "zero" here, so its term is computed (and its gradient flows).
+    """
+    v = _concrete_number(value)
+    return v is not None and v == 0
+
+
 # --- value rules (checked mode only) ------------------------------------------------
 
 
@@ -142,27 +199,52 @@ def assert_unit_interval(loss: str, name: str, x, kept=None) -> None:
     assert_values(loss, f"{name} must lie in [0, 1].", (x >= 0) & (x <= 1), kept)
 
 
+def _is_array(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
 def checked(fn: Callable) -> Callable:
     """Returns `fn` jitted, with lossjax's value checks on, raising on a bad value.
 
     The result is `chex.chexify(jax.jit(fn))` with synchronous checks: a call whose
     inputs break a value rule of a loss (a label out of range, a target outside [0, 1],
     a non-finite input in a kept entry) raises an error naming the loss and the rule.
-    Pass the plain function, not one already jitted: a jitted function would reuse its
-    unchecked trace.
+    Array arguments (JAX or NumPy, anywhere in the arguments' pytrees) are traced;
+    everything else (strings, Python numbers, bools, None) is static, as the loss sees
+    it outside `checked`: `reduction="none"`, `label_smoothing=0.1` and
+    `blank_id=0` all work. One compiled check runs per set of static values. Pass the
+    plain function, not one already jitted: a jitted function would reuse its unchecked
+    trace.
 
     Example:
       >>> import jax.numpy as jnp, lossjax
       >>> f = lossjax.checked(lossjax.cross_entropy)
+      >>> f(jnp.zeros((2, 3)), jnp.array([0, 2]), label_smoothing=0.1, reduction="none")
+      Array([1.0986123, 1.0986123], dtype=float32)
       >>> f(jnp.zeros((2, 3)), jnp.array([0, 7]))
       Traceback (most recent call last):
       ...
       AssertionError: ... lossjax.cross_entropy: labels must lie in [0, 3) ...
     """
+    compiled = {}
 
     @functools.wraps(fn)
     def with_value_checks(*args, **kwargs):
-        with value_checks():
-            return fn(*args, **kwargs)
+        leaves, treedef = jax.tree.flatten((args, kwargs))
+        is_array = tuple(_is_array(leaf) for leaf in leaves)
+        static = tuple(None if a else leaf for a, leaf in zip(is_array, leaves))
+        key = (treedef, is_array, static)
+        if key not in compiled:
 
-    return chex.chexify(jax.jit(with_value_checks), async_check=False)
+            def call(*arrays):
+                it = iter(arrays)
+                full = [next(it) if a else leaf for a, leaf in zip(is_array, static)]
+                a, kw = jax.tree.unflatten(treedef, full)
+                with value_checks():
+                    return fn(*a, **kw)
+
+            compiled[key] = chex.chexify(jax.jit(call), async_check=False)
+        arrays = [leaf for a, leaf in zip(is_array, leaves) if a]
+        return compiled[key](*arrays)
+
+    return with_value_checks

@@ -108,7 +108,7 @@ def test_result_dtype_is_the_loss_dtype():
 
 def test_bad_reduction_raises_naming_the_valid_values():
     with pytest.raises(ValueError, match=r"reduction must be one of \('none', 'sum', "
-                                         r"'mean'\), got 'avg'"):
+                                         r"'mean', 'sum_and_weight'\), got 'avg'"):
         reduce_loss(jnp.zeros(3), reduction="avg")
     with pytest.raises(ValueError, match="reduction"):
         _reduce.check_reduction("batchmean")
