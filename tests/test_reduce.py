@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import references as ref
+
+import lossjax
 
 from lossjax import _reduce
 from lossjax._reduce import compute_dtype, kept_mask, reduce_loss, sanitize
@@ -175,3 +179,131 @@ def test_compute_dtype_is_at_least_float32():
     with jax.enable_x64(True):
         assert compute_dtype(jnp.zeros(2, jnp.bfloat16),
                              jnp.zeros(2, jnp.float64)) == jnp.float64
+
+
+# --- sum_and_weight, axis_name and global_sum ------------------------------------------
+
+
+def test_sum_and_weight_is_what_mean_divides():
+    loss, kept, weights, norm = _data(5)
+    w = np.where(kept, weights, 0.0)
+    args = {"kept": jnp.asarray(kept), "weights": jnp.asarray(weights, jnp.float32)}
+    total, weight = reduce_loss(jnp.asarray(loss, jnp.float32), reduction="sum_and_weight",
+                                **args)
+    np.testing.assert_allclose(total, (w * loss).sum(), rtol=1e-5)
+    np.testing.assert_allclose(weight, w.sum(), rtol=1e-5)
+    total, weight = reduce_loss(jnp.asarray(loss, jnp.float32), reduction="sum_and_weight",
+                                normalizer=jnp.asarray(norm, jnp.float32), **args)
+    np.testing.assert_allclose(weight, np.where(kept, norm, 0).sum(), rtol=1e-5)
+    # Without weights or mask the weight is the entry count.
+    _, count = reduce_loss(jnp.asarray(loss, jnp.float32), reduction="sum_and_weight")
+    assert count == loss.size
+
+
+def _softmax_ce_grad_np(x, theta, labels, kept, class_weights):
+    """float64 NumPy: the class-weighted mean cross-entropy of x @ theta and its
+    gradient w.r.t. theta, over the kept tokens."""
+    logits = x @ theta
+    logits = logits - logits.max(-1, keepdims=True)
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    w = np.where(kept, class_weights[np.where(kept, labels, 0)], 0.0)
+    onehot = np.eye(theta.shape[1])[np.where(kept, labels, 0)]
+    nll = -np.log((p * onehot).sum(-1))
+    return (w * nll).sum() / w.sum(), x.T @ ((p - onehot) * w[:, None]) / w.sum()
+
+
+def test_micro_batch_accumulation_equals_the_full_batch_mean():
+    """The recipe of the README: sum (loss sum, weight) over micro-batches whose masks
+    differ (one keeps nothing), then divide once: the full batch's mean and gradient."""
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(24, 5)).astype(np.float32)
+    theta = rng.normal(size=(5, 7)).astype(np.float32)
+    labels = rng.integers(0, 7, 24).astype(np.int32)
+    labels[rng.random(24) < 0.3] = -100  # padding
+    labels[:6] = -100  # the first micro-batch keeps nothing
+    class_weights = rng.uniform(0.5, 2.0, 7).astype(np.float32)
+
+    def micro(theta, xb, yb):
+        return lossjax.cross_entropy(xb @ theta, yb, class_weights=class_weights,
+                                     reduction="sum_and_weight")
+
+    grad_total = jax.jit(jax.grad(lambda t, xb, yb: micro(t, xb, yb)[0]))
+    total, weight, grads = 0.0, 0.0, np.zeros_like(theta)
+    for k in range(4):  # uneven: 6 tokens each, different numbers kept
+        xb, yb = x[6 * k: 6 * (k + 1)], labels[6 * k: 6 * (k + 1)]
+        t, w = micro(theta, xb, yb)
+        total, weight = total + t, weight + w
+        grads = grads + grad_total(theta, xb, yb)
+    want_loss, want_grad = _softmax_ce_grad_np(
+        x.astype(np.float64), theta.astype(np.float64), labels, labels != -100,
+        class_weights.astype(np.float64))
+    np.testing.assert_allclose(total / weight, want_loss, rtol=1e-5)
+    np.testing.assert_allclose(grads / weight, want_grad, rtol=1e-4, atol=1e-6)
+    # A mean of per-micro-batch means weights micro-batches equally, not tokens.
+    means = [float(lossjax.cross_entropy(x[6 * k: 6 * (k + 1)] @ theta,
+                                         labels[6 * k: 6 * (k + 1)],
+                                         class_weights=class_weights))
+             for k in range(4)]
+    assert abs(np.mean(means) - want_loss) > 1e-3
+
+
+def _mesh(shape=(8,), names=("d",)):
+    return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def test_global_sum_value_and_gradient_are_exact_under_pmap_and_shard_map():
+    from jax.sharding import PartitionSpec as P
+
+    x = np.random.default_rng(7).normal(size=(8, 3)).astype(np.float32)
+
+    def f(x):
+        return _reduce.global_sum(jnp.sum(x**2), "d")
+
+    # pmap: plain lax.psum would give 8 * 2x here.
+    value, grad = jax.pmap(jax.value_and_grad(f), axis_name="d")(x)
+    np.testing.assert_allclose(value, np.full(8, (x**2).sum()), rtol=1e-5)
+    np.testing.assert_allclose(grad, 2 * x, rtol=1e-6)
+    for check_vma in (True, False):
+        value, grad = jax.jit(jax.shard_map(
+            jax.value_and_grad(f), mesh=_mesh(), in_specs=P("d"),
+            out_specs=(P(), P("d")), check_vma=check_vma))(x)
+        np.testing.assert_allclose(value, (x**2).sum(), rtol=1e-5)
+        np.testing.assert_allclose(grad, 2 * x, rtol=1e-6, err_msg=f"{check_vma=}")
+    # A tuple of axes on a 2-D mesh: the sum over both.
+    def g(x):
+        return _reduce.global_sum(jnp.sum(x**3), ("a", "b"))
+
+    value, grad = jax.jit(jax.shard_map(
+        jax.value_and_grad(g), mesh=_mesh((2, 4), ("a", "b")),
+        in_specs=P(("a", "b")), out_specs=(P(), P(("a", "b")))))(x)
+    np.testing.assert_allclose(value, (x**3).sum(), rtol=1e-5)
+    np.testing.assert_allclose(grad, 3 * x**2, rtol=1e-6)
+    assert _reduce.global_sum(jnp.float32(2.0), None) == 2.0
+
+
+@pytest.mark.parametrize("reduction", ("sum", "mean", "sum_and_weight"))
+def test_reduce_loss_over_a_batch_axis_is_the_global_reduction(reduction):
+    from jax.sharding import PartitionSpec as P
+
+    loss, kept, weights, _ = _data(8, shape=(16, 3))
+    kept[:2] = False  # the first device keeps nothing
+    args = [jnp.asarray(loss, jnp.float32), jnp.asarray(kept),
+            jnp.asarray(weights, jnp.float32)]
+
+    def f(loss, kept, weights, axis_name=None):
+        return reduce_loss(loss, kept=kept, weights=weights, reduction=reduction,
+                           axis_name=axis_name)
+
+    want = f(*args)
+    out_spec = (P(), P()) if reduction == "sum_and_weight" else P()
+    got = jax.jit(jax.shard_map(functools.partial(f, axis_name="d"), mesh=_mesh(),
+                                in_specs=P("d"), out_specs=out_spec))(*args)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    w = np.where(kept, weights, 0.0)
+    if reduction == "mean":
+        np.testing.assert_allclose(got, (w * loss).sum() / w.sum(), rtol=1e-5)
+        # What a per-device mean then pmean gives instead: devices weighted equally.
+        # The first device keeps nothing, so its mean is 0.
+        per_device = [0.0] + [(w[i:i + 2] * loss[i:i + 2]).sum() / w[i:i + 2].sum()
+                              for i in range(2, 16, 2)]
+        assert abs(np.mean(per_device) - float(got)) > 1e-3
