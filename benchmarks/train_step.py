@@ -7,7 +7,7 @@ Both cases train the digits CNN (`experiments.models.CNN`) from the same initial
 parameters with Adam at a constant learning rate on the same batch:
 - `optax_handwritten`: a plain `jax.jit(step, donate_argnums=0)` computing
   `optax.softmax_cross_entropy_with_integer_labels(...).mean()` and the Adam update;
-- `lossjax_harness`: `experiments.train`'s compiled step for `configs/digits.py` with
+- `lossjax_harness`: `experiments.programs`' compiled step for `configs/digits.py` with
   `lossjax.cross_entropy`, as `train_and_evaluate` runs it (mesh shardings, donation,
   step counter, per-step key, loss, gradient norm and accuracy metrics).
 
@@ -40,18 +40,17 @@ def _batch_size() -> int:
 def _harness(batch):
     from configs import digits
     from experiments import data as data_lib
-    from experiments import train
+    from experiments import programs, schema
 
     config = digits.get_config()
     with config.unlocked():
         config.optimizer.schedule = "constant"
         config.optimizer.learning_rate = LEARNING_RATE
         config.batch_size = len(batch["y"])
-    flat = train.validate_config(config)
-    programs = train._programs(flat, data_lib.digits())
-    state = programs.init(np.int32(0))
-    device_batch = programs.step.put_batch(batch)
-    return programs.step.fn, state, device_batch
+    prog = programs.get(schema.validate_config(config), data_lib.digits())
+    state = prog.init(np.int32(0))
+    device_batch = prog.step.put_batch(batch)
+    return prog.step.fn, state, device_batch
 
 
 def _handwritten(batch):
@@ -63,7 +62,7 @@ def _handwritten(batch):
 
     model = models.CNN(num_outputs=10)
     tx = optax.adam(LEARNING_RATE)
-    # The harness's initial parameters (`train.init_state` with seed 0): the step's
+    # The harness's initial parameters (`tasks.init_state` with seed 0): the step's
     # speed on CPU depends on the values (ReLU sparsity), so both start alike.
     init_key, _ = jax.random.split(jax.random.key(0))
     params = model.init(init_key, jnp.asarray(batch["x"][:1]))["params"]

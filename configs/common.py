@@ -62,4 +62,7 @@ def finish(config: mlc.ConfigDict, smoke: bool,
         config.checkpoint_every_steps = smoke_steps // 2
         config.optimizer.warmup_steps = 5
     config.lock()  # a typo like config.optimizer.learnig_rate = 1 now raises
+    # ... but any keyword of the loss may be added (`--config.loss.kwargs.gamma=1`);
+    # the trainer rejects one the loss does not take, naming the valid ones.
+    config.loss.kwargs.unlock()
     return config

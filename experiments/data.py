@@ -16,15 +16,13 @@ int32 labels, float32 targets), so switching `jax_enable_x64` on changes nothing
 Train/test splits use a fixed permutation (seed 0), independent of the training seed:
 every run of a study sees the same test set.
 
-Batches are a pure function of `(seed, step)` (`batch_indices`), never of an
-iterator's state: a run resumed from a checkpoint at step s draws exactly the batches
-an uninterrupted run draws from step s on.
+`Dataset`, the validation split and `batch_indices` live in `experiments.dataset`
+(re-exported here).
 """
 
 from __future__ import annotations
 
 import ast
-import dataclasses
 import functools
 import pathlib
 import re
@@ -34,63 +32,10 @@ import zlib
 
 import numpy as np
 
-# The split never depends on the training seed, so seeds vary only the model's
-# initialisation and the batch order.
-_SPLIT_SEED = 0
+from experiments import asr_data, lm_data
+from experiments.dataset import Dataset, batch_indices, split_indices
 
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-    """A train/test split held as NumPy arrays.
-
-    Attributes:
-      name: the data set's name.
-      x_train, x_test: inputs, float32 (images, features) or int32 (token ids).
-      y_train, y_test: int32 class ids `[n]` or float32 regression targets `[n]`.
-      num_classes: number of classes, or 0 for regression.
-      target_scale: (mean, std) used to standardize regression targets; metrics are
-        reported in the original units by undoing it. (0, 1) for classification.
-      class_names: the label names, for reports.
-      description: one line for reports.
-      x_train_lengths, x_test_lengths, y_train_lengths, y_test_lengths: int32 `[n]`
-        valid frames and labels per example, for sequence data (`x` `[n, frames,
-        features]`, `y` `[n, max_labels]` padded with -1); None otherwise.
-    """
-
-    name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    num_classes: int
-    target_scale: tuple[float, float] = (0.0, 1.0)
-    class_names: tuple[str, ...] = ()
-    description: str = ""
-    x_train_lengths: np.ndarray | None = None
-    y_train_lengths: np.ndarray | None = None
-    x_test_lengths: np.ndarray | None = None
-    y_test_lengths: np.ndarray | None = None
-
-    def arrays(self, split: str) -> dict[str, np.ndarray]:
-        """The batchable arrays of `split` ("train" or "test"): x, y and any lengths."""
-        arrays = {"x": getattr(self, f"x_{split}"), "y": getattr(self, f"y_{split}"),
-                  "x_lengths": getattr(self, f"x_{split}_lengths"),
-                  "y_lengths": getattr(self, f"y_{split}_lengths")}
-        return {k: v for k, v in arrays.items() if v is not None}
-
-    @property
-    def num_train(self) -> int:
-        return len(self.x_train)
-
-    @property
-    def num_test(self) -> int:
-        return len(self.x_test)
-
-
-def _split(n: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    perm = np.random.default_rng(_SPLIT_SEED).permutation(n)
-    num_test = int(round(n * test_fraction))
-    return np.sort(perm[num_test:]), np.sort(perm[:num_test])
+__all__ = ["Dataset", "batch_indices", "load"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,7 +46,7 @@ def digits(test_fraction: float = 0.2) -> Dataset:
     # Pixel values are 0..16; scale to [0, 1] and add the channel axis flax wants.
     x = (bunch.images / 16.0).astype(np.float32)[..., None]
     y = bunch.target.astype(np.int32)
-    train, test = _split(len(x), test_fraction)
+    train, test = split_indices(len(x), test_fraction)
     return Dataset(
         name="digits", x_train=x[train], y_train=y[train], x_test=x[test],
         y_test=y[test], num_classes=10,
@@ -117,7 +62,7 @@ def diabetes(test_fraction: float = 0.2) -> Dataset:
     bunch = load_diabetes()
     x = bunch.data.astype(np.float32)
     y = bunch.target.astype(np.float64)
-    train, test = _split(len(x), test_fraction)
+    train, test = split_indices(len(x), test_fraction)
     # Standardize the target with training statistics only; metrics undo it.
     mean, std = float(y[train].mean()), float(y[train].std())
     y = ((y - mean) / std).astype(np.float32)
@@ -184,7 +129,7 @@ def stdlib_docs(num_buckets: int = 8192, max_len: int = 128,
             "text task needs CPython's standard library sources (Lib/*.py).")
     x = np.stack([_hash_tokens(d, num_buckets, max_len) for d, _ in docs])
     y = np.array([label for _, label in docs], np.int32)
-    train, test = _split(len(x), test_fraction)
+    train, test = split_indices(len(x), test_fraction)
     return Dataset(
         name="stdlib_docs", x_train=x[train], y_train=y[train], x_test=x[test],
         y_test=y[test], num_classes=len(packages), class_names=tuple(packages),
@@ -208,8 +153,6 @@ def spoken_words(cache_dir=None, *, num_train: int = 2000, num_test: int = 400,
     None: a temporary directory, so only this process's memo keeps it). Raises
     `asr_data.EspeakNotFoundError`, saying how to install espeak-ng, if it is missing.
     """
-    from experiments import asr_data
-
     key = (num_train, num_test, max_words, seed)
     if key not in _SPOKEN:
         with tempfile.TemporaryDirectory() as tmp:
@@ -235,8 +178,6 @@ _LM: dict = {}
 def stdlib_lm(cache_dir=None, **kwargs) -> Dataset:
     """`lm_data.load(cache_dir, **kwargs)`: `x_*` / `y_*` int32 `[n, seq_len]` windows
     (`y` is `x` shifted by one token), `num_classes` the vocabulary size."""
-    from experiments import lm_data  # it imports this module
-
     key = tuple(sorted(kwargs.items()))
     if key not in _LM:
         _LM[key] = lm_data.load(cache_dir, **kwargs)
@@ -253,22 +194,3 @@ def load(name: str, *, cache_dir=None, **kwargs) -> Dataset:
     if name not in loaders:
         raise ValueError(f"unknown data set {name!r}; valid: {', '.join(loaders)}")
     return loaders[name](**kwargs)
-
-
-# --- batches ------------------------------------------------------------------------
-
-
-def batch_indices(seed: int, step: int, num_examples: int,
-                  batch_size: int) -> np.ndarray:
-    """The example ids of training step `step`: a pure function of (seed, step).
-
-    Epochs are fresh permutations of the training set (seeded by (seed, epoch)); the
-    remainder of an epoch that does not fill a batch is dropped.
-    """
-    if batch_size > num_examples:
-        raise ValueError(
-            f"batch_size={batch_size} exceeds the {num_examples} training examples.")
-    steps_per_epoch = num_examples // batch_size
-    epoch, i = divmod(int(step), steps_per_epoch)
-    perm = np.random.default_rng([int(seed), epoch]).permutation(num_examples)
-    return perm[i * batch_size:(i + 1) * batch_size]

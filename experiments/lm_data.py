@@ -25,15 +25,11 @@ and independent of the training seed. The vocabulary is built from the training
 documents only.
 
 Tokenizing takes about 2 s on one core; `load` caches the result as .npz in
-`cache_dir`, keyed by a hash of the settings, the Python version and the list of
-files with their sizes, written atomically.
+`cache_dir`, keyed by the settings, the Python version and the files' sizes.
 
-    from experiments import lm_data
     data = lm_data.load("runs/lm_cache", vocab_size=32768, seq_len=256)
-    data.x_train.shape  # [num_windows, seq_len] int32 inputs
-    data.y_train.shape  # [num_windows, seq_len] int32 next-token targets
-    x, y = lm_data.batch(data.train_tokens, seed=0, step=7, batch_size=32,
-                         seq_len=256)  # a pure function of (seed, step)
+    data.x_train, data.y_train  # int32 [num_windows, seq_len]: inputs, next tokens
+    x, y = lm_data.batch(data.train_tokens, seed=0, step=7, batch_size=32, seq_len=256)
 """
 
 from __future__ import annotations
@@ -53,7 +49,7 @@ import zlib
 
 import numpy as np
 
-from experiments import data as data_lib
+from experiments.dataset import Dataset
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 SPECIALS = (PAD, UNK, BOS, EOS)
@@ -231,7 +227,7 @@ def _read_docs(selected, files, topics) -> list[str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class LMDataset(data_lib.Dataset):
+class LMDataset(Dataset):
     """A tokenized corpus plus the trainer's usual `x_*` / `y_*` arrays.
 
     x_train, y_train, x_test, y_test: int32 `[num_windows, seq_len]`, consecutive
@@ -300,9 +296,7 @@ def _tokenize(train_texts, test_texts, vocab_size):
     train_split = [split_tokens(t) for t in train_texts]
     test_split = [split_tokens(t) for t in test_texts]
     t1 = time.perf_counter()
-    counts = collections.Counter()
-    for toks in train_split:
-        counts.update(toks)
+    counts = collections.Counter(itertools.chain.from_iterable(train_split))
     tokenizer = Tokenizer.from_counts(collections.Counter(counts), vocab_size)
     t2 = time.perf_counter()
 

@@ -20,10 +20,25 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "experiment config file",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "directory for checkpoints and metrics")
-flags.mark_flags_as_required(["config", "workdir"])
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """`--config` (a config file, its fields overridable) and `--workdir`.
+
+    Configs lock themselves (`configs.common.finish`), all but `loss.kwargs`: any
+    keyword of the configured loss can be set from the command line
+    (`--config.loss.kwargs.label_smoothing=0.2`), hence `accept_new_attributes`; a
+    keyword the loss does not take fails in `experiments.schema.validate_config`,
+    naming the valid ones, and a typo elsewhere fails here.
+    """
+    config_flags.DEFINE_config_file("config", None, "experiment config file",
+                                    flag_values=flag_values, lock_config=False,
+                                    accept_new_attributes=True)
+    flags.DEFINE_string("workdir", None, "directory for checkpoints and metrics",
+                        flag_values=flag_values)
+    flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
+
+
+define_flags()
 
 
 def initialize_distributed() -> None:

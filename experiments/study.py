@@ -23,7 +23,7 @@ import ml_collections as mlc
 
 import lossjax
 from experiments import data as data_lib
-from experiments import models, report, train
+from experiments import models, report, tasks, train
 
 
 def _read_curves(workdir: pathlib.Path, metric: str):
@@ -59,8 +59,8 @@ def _override(config: mlc.ConfigDict, overrides) -> None:
 def _setup_lines(config: mlc.ConfigDict, cache_dir: pathlib.Path) -> list[str]:
     ds = data_lib.load(config.data.name, cache_dir=cache_dir,
                        **config.data.kwargs.to_dict())
-    task = train.build_task(config, ds)
-    abstract = jax.eval_shape(functools.partial(train.init_state, task, 0,
+    task = tasks.build_task(config, ds)
+    abstract = jax.eval_shape(functools.partial(tasks.init_state, task, 0,
                                                   ds.x_train[:1]))
     o = config.optimizer
     lines = [

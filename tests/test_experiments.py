@@ -27,8 +27,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 import lossjax
+from experiments import checkpoints, parallel, programs, schema, scoring, steps, tasks, train
 from experiments import data as data_lib
-from experiments import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def final_state(workdir):
                                options=ocp.CheckpointManagerOptions(
                                    read_only=True)) as manager:
         step = manager.latest_step()
-        restored = train.restore_placed(
+        restored = checkpoints.restore_placed(
             manager, step, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     return step, jax.tree.map(np.asarray, restored)
 
@@ -113,7 +113,7 @@ def test_config_args_and_docstrings():
     for module in (digits, text, regression):
         assert "experiments.main" in module.__doc__ and ":smoke" in module.__doc__
         c = module.get_config("smoke")
-        train.validate_config(c)
+        schema.validate_config(c)
         for label in module.LOSSES:
             assert module.get_config(f"loss={label},smoke").loss.name == \
                 module.LOSSES[label]["name"]
@@ -134,9 +134,9 @@ def test_bad_config_values_raise_clearly(tmp_path):
                                          "'optimizer.learning_rate'"):
         train.train_and_evaluate(config, str(tmp_path))
     with pytest.raises(ValueError, match="cross_entropy has no keyword 'gama'"):
-        train.validate_config(smoke_config(**{"loss.kwargs": {"gama": 2.0}}))
+        schema.validate_config(smoke_config(**{"loss.kwargs": {"gama": 2.0}}))
     with pytest.raises(ValueError, match="config.parallel='pjit' is not one of"):
-        train.validate_config(smoke_config(parallel="pjit"))
+        schema.validate_config(smoke_config(parallel="pjit"))
     # Configs are locked: a typo in a field name fails where it is written.
     with pytest.raises(AttributeError, match="learnig_rate"):
         importlib.import_module("configs.digits").get_config(
@@ -162,10 +162,10 @@ def test_known_answer_constant_logits_give_log_num_classes(tmp_path):
 
 
 def test_step_compiles_once_and_its_memory_is_recorded(tmp_path):
-    before = train.TRACE_COUNT["train_step"]
+    before = steps.TRACE_COUNT["train_step"]
     summary = train.train_and_evaluate(smoke_config(num_train_steps=12), str(tmp_path))
     # Reading the compiled step's memory analysis does not trace it again.
-    assert train.TRACE_COUNT["train_step"] - before == 1
+    assert steps.TRACE_COUNT["train_step"] - before == 1
     for key in ("xla_temp_mib", "xla_argument_mib", "xla_output_mib", "peak_rss_mib"):
         assert summary[f"memory/{key}"] > 0, summary
     saved = json.loads((tmp_path / "summary.json").read_text())
@@ -193,12 +193,12 @@ def test_jit_and_pmap_give_the_same_losses_step_by_step(tmp_path):
 
 def test_bfloat16_computes_in_bf16_with_f32_params_and_loss(tmp_path):
     dataset = data_lib.digits()
-    task = train.build_task(smoke_config(dtype="bfloat16"), dataset)
-    state = train.init_state(task, 0, dataset.x_train[:4])
+    task = tasks.build_task(smoke_config(dtype="bfloat16"), dataset)
+    state = tasks.init_state(task, 0, dataset.x_train[:4])
     assert {x.dtype for x in jax.tree.leaves(state["params"])} == {np.dtype("float32")}
     outputs = task.model.apply({"params": state["params"]}, dataset.x_train[:4])
     assert outputs.dtype == jnp.bfloat16
-    assert train.apply_loss(task, outputs, dataset.y_train[:4]).dtype == jnp.float32
+    assert tasks.loss(task, outputs, {"y": dataset.y_train[:4]}).dtype == jnp.float32
     # Training end to end in bf16 (the MLP task: bf16 convolutions are slow on CPU).
     train.train_and_evaluate(smoke_config("regression", dtype="bfloat16"),
                              str(tmp_path))
@@ -208,12 +208,12 @@ def test_bfloat16_computes_in_bf16_with_f32_params_and_loss(tmp_path):
 
 def test_checked_mode_reports_bad_labels(tmp_path):
     dataset = data_lib.digits()
-    task = train.build_task(smoke_config(), dataset)
-    mesh = train.make_mesh()
+    task = tasks.build_task(smoke_config(), dataset)
+    mesh = parallel.make_mesh()
     batch = {"x": dataset.x_train[:16], "y": dataset.y_train[:16].copy()}
     batch["y"][3] = 12  # out of range for 10 classes
-    state = lambda: train.init_state(task, 0, dataset.x_train[:1])
-    checked = train.make_train_step(task, mesh, checks=True)
+    state = lambda: tasks.init_state(task, 0, dataset.x_train[:1])
+    checked = parallel.make_train_step(task, mesh, checks=True)
     with pytest.raises(AssertionError, match=r"cross_entropy: labels must lie in "
                                              r"\[0, 10\)"):
         checked.fn(state(), checked.put_batch(batch))
@@ -377,14 +377,14 @@ def test_study_smoke_writes_report_tables_and_plots(tmp_path):
     from experiments import study
 
     config = study_config.get_config("smoke")
-    train._PROGRAMS.clear()
-    before = train.TRACE_COUNT["train_step"]
+    programs.clear()
+    before = steps.TRACE_COUNT["train_step"]
     tables = study.run_study(config, str(tmp_path))
     # 3 tasks x 2 losses x 2 seeds + asr's one loss x 2 seeds; the seeds of a loss
     # share one compilation.
     records = json.loads((tmp_path / "results.json").read_text())
     assert len(records) == 14
-    assert train.TRACE_COUNT["train_step"] - before == 7
+    assert steps.TRACE_COUNT["train_step"] - before == 7
     report = (tmp_path / "report.md").read_text()
     for task in ("digits", "text", "regression", "asr"):
         png = (tmp_path / f"{task}.png").read_bytes()
@@ -402,10 +402,10 @@ def test_study_smoke_writes_report_tables_and_plots(tmp_path):
                  if r["task"] == "digits" and r["loss"] == "cross_entropy"]
     assert f"{np.mean(digits_ce):.4f} ± {np.std(digits_ce, ddof=1):.4f}" in report
     # Re-running the study resumes every finished run: same numbers, no training.
-    before = train.TRACE_COUNT["train_step"]
+    before = steps.TRACE_COUNT["train_step"]
     study.run_study(config, str(tmp_path))
     again = json.loads((tmp_path / "results.json").read_text())
-    assert train.TRACE_COUNT["train_step"] == before
+    assert steps.TRACE_COUNT["train_step"] == before
     assert [r["summary"] for r in again] == [r["summary"] for r in records]
 
 
@@ -449,7 +449,7 @@ def test_study_config_has_the_lm_scenario_with_a_cut_budget():
     _, config = study._task_config(lm, "z_loss", 1, False)
     assert config.num_train_steps == 150 and config.seed == 1
     assert config.data.kwargs.seq_len == 64 and config.loss.kwargs.z_loss > 0
-    train.validate_config(config)
+    schema.validate_config(config)
 
 
 # --- speech recognition (CTC) ---------------------------------------------------------
@@ -462,12 +462,12 @@ def test_error_rates_known_answers():
     hyps = ["one too", "", "up up"]  # a substitution, a deletion, an insertion
     pad = lambda xs: np.stack([np.pad(x, (0, 8 - len(x)), constant_values=-1)
                                for x in xs])
-    rates = train.error_rates(
+    rates = scoring.error_rates(
         (pad([enc(h) for h in hyps]), np.array([len(h) for h in hyps])),
         pad([enc(r) for r in refs]), np.array([len(r) for r in refs]))
     # Characters: 1 + 2 + 3 edits over 7 + 2 + 2; words: 1 + 1 + 1 over 2 + 1 + 1.
     assert rates == {"cer": 6 / 11, "wer": 3 / 4}
-    assert train.edit_distance("kitten", "sitting") == 3
+    assert scoring.edit_distance("kitten", "sitting") == 3
 
 
 def test_asr_smoke_run_loss_falls_and_reports_error_rates(tmp_path):
@@ -477,7 +477,7 @@ def test_asr_smoke_run_loss_falls_and_reports_error_rates(tmp_path):
     assert "experiments.main" in asr.__doc__ and ":smoke" in asr.__doc__
     for label, spec in asr.LOSSES.items():
         assert spec["name"] in lossjax.LOSSES
-        train.validate_config(asr.get_config(f"loss={label}"))
+        schema.validate_config(asr.get_config(f"loss={label}"))
     data_lib._SPOKEN.clear()  # generate it now, into this workdir
     summary = train.train_and_evaluate(smoke_config("asr"), str(tmp_path))
     assert list((tmp_path / "data").glob("asr_*.npz"))
@@ -511,7 +511,7 @@ def test_lm_smoke_fused_loss_runs_and_matches_materialized_logits(tmp_path):
     assert "experiments.main" in lm.__doc__ and ":smoke" in lm.__doc__
     for label, spec in lm.LOSSES.items():
         assert spec["name"] in lossjax.LOSSES
-        train.validate_config(lm.get_config(f"loss={label}"))
+        schema.validate_config(lm.get_config(f"loss={label}"))
     first, temp = {}, {}
     for label in ("linear_cross_entropy", "cross_entropy"):
         workdir = tmp_path / label
@@ -553,10 +553,10 @@ def test_lm_eval_fused_and_materialized_paths_agree(tmp_path):
     metrics = {}
     # z_loss and label_smoothing evaluate on the fused path, as linear_cross_entropy.
     for label in ("cross_entropy", "z_loss", "label_smoothing"):
-        task = train.build_task(smoke_config("lm", f"loss={label},smoke"), ds)
+        task = tasks.build_task(smoke_config("lm", f"loss={label},smoke"), ds)
         if label == "cross_entropy":
             # Trained-looking parameters: random, with larger head logits than at init.
-            params = train.init_state(task, 0, ds.x_train[:1])["params"]
+            params = tasks.init_state(task, 0, ds.x_train[:1])["params"]
             params = jax.tree.map(lambda p: p * 8 if p.ndim == 2 else p, params)
             logits = np.asarray(task.model.apply({"params": params}, ds.x_test[:16]),
                                 np.float64)
@@ -567,7 +567,7 @@ def test_lm_eval_fused_and_materialized_paths_agree(tmp_path):
         n = 12  # padded to 16: the mask must drop the last 4
         batch = {"x": ds.x_test[:16], "y": y, "mask": np.arange(16) < n}
         metrics[label] = jax.jit(functools.partial(
-            train.eval_step, task=task, target_scale=ds.target_scale))(params, batch)
+            steps.eval_step, task=task))(params, batch)
     logits, y = logits[:n], y[:n]
     lse = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + \
         logits.max(-1)

@@ -1,0 +1,149 @@
+"""Meshes, global batches and the compiled train step (jit over a mesh, or pmap).
+
+Mesh choice (conventions, section 5). `jax.make_mesh` builds Explicit-axes meshes by
+default in jax 0.10; lossjax's experiments build theirs with
+`axis_types=(AxisType.Auto,)` everywhere (`make_mesh`) and never install a global
+mesh with `jax.set_mesh`: shardings are stated on `jax.jit`'s inputs and outputs and
+GSPMD propagates them through flax layers and losses, which need no `out_sharding`
+annotations. A run thus changes no process-wide state, so tests can run several
+trainers in one process.
+
+`parallel="jit"` (the default): one `jax.jit` over a 1-D mesh ("data"), parameters
+and optimizer state replicated `P()`, batch split `P("data")`. `parallel="pmap"`: the
+same `train_step` under `jax.pmap` with `lax.pmean` of loss and gradients over the
+local devices, for code bases still on pmap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import chex
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from experiments import steps
+from experiments.tasks import Task
+from lossjax import _checks
+
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+    """The 1-D "data" mesh over all devices, with Auto axes (see module docstring)."""
+    devices = jax.devices() if devices is None else devices
+    return jax.make_mesh((len(devices),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def global_batch(arrays: dict, sharding: NamedSharding) -> dict:
+    """Global arrays from the full batch, each process contributing the rows it owns.
+
+    Every process computes the same global batch indices (they depend on (seed, step)
+    only) and hands `jax.make_array_from_process_local_data` the rows that land on its
+    own devices.
+    """
+    out = {}
+    for key, value in arrays.items():
+        n = value.shape[0]
+        index_map = sharding.addressable_devices_indices_map((n,))
+        spans = sorted({(s[0].start or 0, n if s[0].stop is None else s[0].stop)
+                        for s in index_map.values()})
+        local = np.concatenate([value[a:b] for a, b in spans])
+        out[key] = jax.make_array_from_process_local_data(sharding, local, value.shape)
+    return out
+
+
+def padded(arrays: dict, multiple: int) -> dict:
+    """`arrays` padded with zero rows to a multiple of `multiple`, plus `mask` (bool
+    `[n]`, True on the real rows): an evaluation batch any device count splits."""
+    n = len(arrays["x"])
+    pad = -n % multiple
+    out = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+           for k, v in arrays.items()}
+    return out | {"mask": np.arange(n + pad) < n}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    """The compiled step and how host data and checkpoints meet its layout.
+
+    fn(state, batch) -> (state, metrics); put_batch(numpy dict) -> its device batch;
+    to_saved / from_saved convert between the step's state layout and the checkpoint
+    layout (replicated over the mesh); first(metrics) picks one replica's metrics.
+    """
+
+    fn: Callable
+    put_batch: Callable
+    to_saved: Callable
+    from_saved: Callable
+    first: Callable
+
+
+def make_train_step(task: Task, mesh, *, parallel: str = "jit",
+                    checks: bool = False) -> CompiledStep:
+    """`train_step` compiled for `mesh`: jit over the mesh, or pmap over its devices.
+
+    With `checks=True` the step is traced with lossjax's value assertions on and
+    wrapped in `chex.chexify` (synchronous), so a bad value (a label out of range, a
+    non-finite input) raises an error naming the loss and the rule.
+    """
+    replicated = NamedSharding(mesh, P())
+    data_sharding = NamedSharding(mesh, P("data"))
+    if parallel == "jit":
+        step_impl = functools.partial(steps.train_step, task=task)
+        if checks:
+            step_impl = _with_value_checks(step_impl)
+        fn = jax.jit(step_impl, in_shardings=(replicated, data_sharding),
+                     out_shardings=(replicated, replicated), donate_argnums=0)
+        if checks:
+            fn = chex.chexify(fn, async_check=False)
+        identity = lambda s: s
+        return CompiledStep(fn, functools.partial(global_batch, sharding=data_sharding),
+                            identity, identity, identity)
+    if checks:
+        raise ValueError("config.checks=True needs config.parallel='jit' "
+                         "(chex.chexify wraps jit-compiled functions).")
+    if jax.process_count() > 1:
+        raise ValueError("config.parallel='pmap' runs on one host; use 'jit'.")
+    return _pmap_step(task, mesh, replicated)
+
+
+def _pmap_step(task: Task, mesh, replicated) -> CompiledStep:
+    num_devices = mesh.devices.size
+    pmap_task = dataclasses.replace(task, axis_name="batch")
+    fn = jax.pmap(functools.partial(steps.train_step, task=pmap_task),
+                  axis_name="batch", devices=list(mesh.devices.flat), donate_argnums=0)
+    # Inputs laid out as pmap lays out its outputs (a leading axis split over the
+    # devices), so the second call does not compile again for a new input layout.
+    stacked = NamedSharding(
+        jax.sharding.Mesh(mesh.devices, ("batch",),
+                          axis_types=(jax.sharding.AxisType.Auto,)), P("batch"))
+    return CompiledStep(
+        fn,
+        put_batch=lambda b: jax.device_put(
+            {k: v.reshape(num_devices, -1, *v.shape[1:]) for k, v in b.items()},
+            stacked),
+        to_saved=lambda s: jax.device_put(jax.tree.map(lambda x: x[0], s), replicated),
+        from_saved=lambda s: jax.device_put(jax.tree.map(
+            lambda x: np.broadcast_to(np.asarray(x), (num_devices,) + x.shape), s),
+            stacked),
+        first=lambda m: jax.tree.map(lambda x: x[0], m),
+    )
+
+
+def _with_value_checks(step_impl):
+    """Traces `step_impl` with lossjax's chex value assertions switched on.
+
+    (`lossjax.checked` does the same but jits without this step's shardings and
+    donation, so the trainer switches the checks on itself.)
+    """
+
+    @functools.wraps(step_impl)
+    def checked_step(state, batch):
+        with _checks.value_checks():
+            return step_impl(state, batch)
+
+    return checked_step
