@@ -200,7 +200,8 @@ def assert_unit_interval(loss: str, name: str, x, kept=None) -> None:
 
 
 def _is_array(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+    # NumPy scalars (np.int64(0) as a blank id) stay static, like Python numbers.
+    return isinstance(x, (jax.Array, np.ndarray))
 
 
 def checked(fn: Callable) -> Callable:
@@ -209,12 +210,13 @@ def checked(fn: Callable) -> Callable:
     The result is `chex.chexify(jax.jit(fn))` with synchronous checks: a call whose
     inputs break a value rule of a loss (a label out of range, a target outside [0, 1],
     a non-finite input in a kept entry) raises an error naming the loss and the rule.
-    Array arguments (JAX or NumPy, anywhere in the arguments' pytrees) are traced;
-    everything else (strings, Python numbers, bools, None) is static, as the loss sees
-    it outside `checked`: `reduction="none"`, `label_smoothing=0.1` and
-    `blank_id=0` all work. One compiled check runs per set of static values. Pass the
-    plain function, not one already jitted: a jitted function would reuse its unchecked
-    trace.
+    Array arguments (JAX or NumPy arrays, anywhere in the arguments' pytrees) are
+    traced; everything else (strings, Python and NumPy numbers, bools, None) is
+    static, as the loss sees it outside `checked`: `reduction="none"`,
+    `label_smoothing=0.1` and `blank_id=0` all work, and a traced hyperparameter is
+    passed as an array. One compiled check runs per set of static values. Pass the
+    plain function, not one already jitted: a jitted function would reuse its
+    unchecked trace.
 
     Example:
       >>> import jax.numpy as jnp, lossjax
