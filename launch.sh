@@ -22,7 +22,8 @@ ensure_venv() {
   want=$(sha1sum pyproject.toml | cut -d' ' -f1)
   if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
     "$PY" -m pip install --quiet --upgrade pip
-    "$PY" -m pip install --quiet -e ".[test]"
+    # The library needs jax, numpy and chex only; the harness and the tests add theirs.
+    "$PY" -m pip install --quiet -e ".[experiments,test]"
     # tokamax is a benchmark reference only; the project works without it.
     "$PY" -m pip install --quiet tokamax >/dev/null 2>&1 \
       || echo "launch.sh: tokamax did not install; benchmarks will skip it" >&2
