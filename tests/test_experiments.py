@@ -144,6 +144,65 @@ def test_bad_config_values_raise_clearly(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_any_loss_keyword_can_be_set_from_the_command_line(monkeypatch):
+    from absl import flags
+
+    from experiments import main
+
+    def parse(*overrides):
+        argv = ["main", "--config=configs/digits.py:smoke", "--workdir=unused",
+                *overrides]
+        monkeypatch.setattr(sys, "argv", argv)  # config_flags reads its overrides here
+        flag_values = flags.FlagValues()
+        main.define_flags(flag_values)
+        flag_values(argv)
+        return flag_values.config
+
+    config = parse("--config.loss.kwargs.label_smoothing=0.2")
+    assert schema.validate_config(config)["loss.kwargs"] == {"label_smoothing": 0.2}
+    # A keyword the loss does not take fails with the valid ones named.
+    with pytest.raises(ValueError, match="cross_entropy has no keyword "
+                                         "'label_smothing'.*valid: .*label_smoothing"):
+        schema.validate_config(parse("--config.loss.kwargs.label_smothing=0.2"))
+    # Elsewhere the config stays locked: a typo fails as the flags are parsed.
+    with pytest.raises(Exception, match="learnig_rate"):
+        parse("--config.optimizer.learnig_rate=0.1")
+
+
+def test_experiments_modules_stay_small_and_import_no_cycle():
+    import ast
+
+    sources = {p.stem: p for p in (ROOT / "experiments").glob("*.py")}
+    graph = {}
+    for name, path in sources.items():
+        lines = path.read_text().splitlines()
+        assert len(lines) <= 400, (path, len(lines))
+        deps = set()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, ast.ImportFrom) and node.module == "experiments":
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and \
+                    node.module.startswith("experiments."):
+                deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names
+                         if a.name.startswith("experiments.")}
+        graph[name] = deps & set(sources)
+    assert len((ROOT / "experiments" / "train.py").read_text().splitlines()) < 300
+
+    def visit(name, path):  # depth-first: a module met again on its own path is a cycle
+        assert name not in path, " -> ".join([*path, name])
+        for dep in graph[name]:
+            visit(dep, (*path, name))
+
+    for name in graph:
+        visit(name, ())
+
+
+def test_every_loss_target_has_one_adapter():
+    assert tuple(tasks.ADAPTERS) == schema.LOSS_TARGETS
+
+
 # --- the step -----------------------------------------------------------------------
 
 
