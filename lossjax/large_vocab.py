@@ -37,11 +37,14 @@ from jax import lax
 
 from lossjax import _checks
 from lossjax._reduce import (
+    AxisName,
     check_reduction,
     compute_dtype,
+    global_sum,
     kept_mask,
     reduce_loss,
     sanitize,
+    varying_axes,
 )
 
 __all__ = ["linear_cross_entropy"]
@@ -93,33 +96,65 @@ def _dot(a, b, contract_a: int, contract_b: int, acc_dtype):
 
 
 def _block_logits(h, kernel_b, bias_b, softcap, acc_dtype):
-    """Soft-capped logits of one vocab block, and tanh(z / cap) (None without a cap)."""
+    """One block's soft-capped logits x, pre-cap logits z and tanh(z / cap).
+
+    Without a cap, x is z and the tanh is None.
+    """
     z = _dot(h, kernel_b, 1, 0, acc_dtype)
     if bias_b is not None:
         z = z + bias_b.astype(acc_dtype)
     if softcap is None:
-        return z, None
+        return z, z, None
     th = jnp.tanh(z / softcap)
-    return softcap * th, th
+    return softcap * th, z, th
 
 
-def _varying_axes(x) -> frozenset:
-    """The shard_map mesh axes `x` varies over (empty outside shard_map)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)
-    if mat is not None:
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", ()))  # older jax spelling
+def _tile_grads(tile, softcap, g_e, e, local_labels, g_label, g_total, u_b):
+    """The gradient step of a `[tokens, width]` tile of logits, shared by both kernels.
+
+    `g_e * e` (per token, times the tile) is the lse's share of d loss / d x: the
+    softmax times the cotangent of the lse. The label's one-hot (never built beyond
+    this tile) carries `g_label`, and `u` carries `g_total` (None without the sum).
+
+    Returns d loss / d z (pre-cap) in the inputs' dtype for the gradient matmuls, its
+    column sums (d bias), the tile's share of d u and of d softcap (None where absent).
+    """
+    x, z, th = tile
+    width = x.shape[1]
+    dx = g_e[:, None] * e
+    dx = dx + jnp.where(jnp.arange(width)[None, :] == local_labels[:, None],
+                        g_label[:, None], 0)
+    du = None
+    if g_total is not None:
+        dx = dx + g_total[:, None] * (1 if u_b is None else u_b[None, :])
+        if u_b is not None:
+            du = _dot(g_total, x, 0, 0, x.dtype)
+    dz, dcap = dx, None
+    if th is not None:
+        dz = dx * (1 - th * th)  # d(s tanh(z/s))/dz
+        # d(s tanh(z/s))/ds = tanh(z/s) - (z/s)(1 - tanh^2): a traced cap's gradient.
+        dcap = jnp.sum(dx * th) - jnp.sum(dz * z) / softcap
+    return dz, jnp.sum(dz, axis=0), du, dcap
 
 
-def _vary_like(tree, ref):
-    """Gives loop carries the shard_map axes `ref` varies over (loops fix them)."""
-    axes = _varying_axes(ref)
+def _vary_like(tree, like):
+    """Makes every array in `tree` vary over all the shard_map axes that the arrays in
+    `like` vary over (a no-op outside shard_map, where none vary).
+
+    Inside `shard_map` a value created from constants (loop carries, the zeros at
+    which the coefficients are taken) is device-invariant, and so are replicated
+    inputs (a kernel beside sharded tokens, a vocab shard beside sharded tokens). A
+    custom_vjp whose residuals or cotangents mix the two fails to trace or, worse,
+    sums silently; cast up front, the transpose of each cast (a psum over the axes an
+    input was replicated on) is JAX's job.
+    """
+    axes = frozenset().union(
+        *(varying_axes(a) for a in jax.tree.leaves(like)))
     if not axes:
         return tree
 
     def cast(a):
-        missing = tuple(sorted(axes - _varying_axes(a)))
+        missing = tuple(sorted(axes - varying_axes(a)))
         return lax.pcast(a, missing, to="varying") if missing else a
 
     return jax.tree.map(cast, tree)
@@ -138,7 +173,7 @@ def _slice(x, start, width, axis):
     return lax.dynamic_slice_in_dim(x, start, width, axis=axis)
 
 
-def _stats_forward(h, kernel, bias, u, labels, block, softcap, need_sum):
+def _stats_forward(h, kernel, bias, u, labels, softcap, block, need_sum):
     """Per-token (logsumexp, label logit, sum_k u_k x_k) of the logits, block by block.
 
     `labels` are local column ids; a label outside [0, vocab) contributes a 0 label
@@ -150,8 +185,8 @@ def _stats_forward(h, kernel, bias, u, labels, block, softcap, need_sum):
 
     def step(carry, start, width):
         m, s, xy, total = carry
-        x, _ = _block_logits(h, _slice(kernel, start, width, 1),
-                             _slice(bias, start, width, 0), softcap, acc)
+        x, _, _ = _block_logits(h, _slice(kernel, start, width, 1),
+                                _slice(bias, start, width, 0), softcap, acc)
         # Online logsumexp: rescale the running sum to the new running max.
         m_new = jnp.maximum(m, jnp.max(x, axis=1))
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new[:, None]), axis=1)
@@ -177,65 +212,63 @@ def _stats_forward(h, kernel, bias, u, labels, block, softcap, need_sum):
     return m + jnp.log(s), xy, total
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _fused_stats(h, kernel, bias, u, labels, block, softcap, need_sum):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _fused_stats(h, kernel, bias, u, labels, softcap, block, need_sum):
     # The primal runs for value-only calls: one matmul's worth of work, no residuals.
-    return _stats_forward(h, kernel, bias, u, labels, block, softcap, need_sum)
+    return _stats_forward(h, kernel, bias, u, labels, softcap, block, need_sum)
 
 
-def _fused_stats_fwd(h, kernel, bias, u, labels, block, softcap, need_sum):
-    lse, xy, total = _stats_forward(h, kernel, bias, u, labels, block, softcap,
+def _fused_stats_fwd(h, kernel, bias, u, labels, softcap, block, need_sum):
+    lse, xy, total = _stats_forward(h, kernel, bias, u, labels, softcap, block,
                                     need_sum)
-    return (lse, xy, total), (h, kernel, bias, u, labels, lse)
+    return (lse, xy, total), (h, kernel, bias, u, labels, softcap, lse)
 
 
-def _fused_stats_bwd(block, softcap, need_sum, residuals, cotangents):
-    h, kernel, bias, u, labels, lse = residuals
+def _fused_stats_bwd(block, need_sum, residuals, cotangents):
+    h, kernel, bias, u, labels, softcap, lse = residuals
     g_lse, g_xy, g_sum = cotangents
     acc = lse.dtype
     tokens, vocab = h.shape[0], kernel.shape[1]
     full, rest = _vocab_blocks(vocab, block)
 
     def step(carry, start, width):
-        dh, dkernel, dbias, du = carry
+        dh, dkernel, dbias, du, dcap = carry
         kernel_b = _slice(kernel, start, width, 1)
-        x, th = _block_logits(h, kernel_b, _slice(bias, start, width, 0), softcap, acc)
-        # d/dx of (lse, x_label, sum u x) against their cotangents: the softmax, the
-        # label's one-hot (never built beyond this block) and u.
-        dx = g_lse[:, None] * jnp.exp(x - lse[:, None])
-        local = labels - start
-        dx = dx + jnp.where(jnp.arange(width)[None, :] == local[:, None],
-                            g_xy[:, None], 0)
-        if need_sum:
-            ub = 1 if u is None else _slice(u, start, width, 0).astype(acc)[None, :]
-            dx = dx + g_sum[:, None] * ub
-            if u is not None:
-                du = _update(du, _dot(g_sum, x, 0, 0, acc), start)
-        dz = dx if th is None else dx * (1 - th * th)  # d(s tanh(z/s))/dz
+        tile = _block_logits(h, kernel_b, _slice(bias, start, width, 0), softcap, acc)
+        u_b = None if u is None else _slice(u, start, width, 0).astype(acc)
+        dz, dbias_b, du_b, dcap_b = _tile_grads(
+            tile, softcap, g_lse, jnp.exp(tile[0] - lse[:, None]), labels - start,
+            g_xy, g_sum if need_sum else None, u_b)
         # Gradient matmuls in the inputs' dtype (as the unfused bf16 backward does),
         # accumulated in f32.
         dz_in = dz.astype(h.dtype)
         dh = dh + _dot(dz_in, kernel_b, 1, 1, acc)
-        dkernel_b = _dot(h, dz_in, 0, 0, acc).astype(kernel.dtype)
-        dkernel = _update(dkernel, dkernel_b, start)
+        dkernel = _update(dkernel, _dot(h, dz_in, 0, 0, acc).astype(kernel.dtype),
+                          start)
         if bias is not None:
-            dbias = _update(dbias, jnp.sum(dz, axis=0).astype(bias.dtype), start)
-        return dh, dkernel, dbias, du
+            dbias = _update(dbias, dbias_b.astype(bias.dtype), start)
+        if du_b is not None:
+            du = _update(du, du_b, start)
+        if dcap_b is not None:
+            dcap = dcap + dcap_b
+        return dh, dkernel, dbias, du, dcap
 
     carry = (
         jnp.zeros((tokens, h.shape[1]), acc),
         jnp.zeros_like(kernel),
         None if bias is None else jnp.zeros_like(bias),
         None if u is None else jnp.zeros(u.shape, acc),
+        None if softcap is None else jnp.zeros((), acc),
     )
     carry = _vary_like(carry, h)
     if full:
         carry = lax.fori_loop(0, full, lambda i, c: step(c, i * block, block), carry)
     if rest:
         carry = step(carry, full * block, rest)
-    dh, dkernel, dbias, du = carry
+    dh, dkernel, dbias, du, dcap = carry
     du = None if u is None else du.astype(u.dtype)
-    return dh.astype(h.dtype), dkernel, dbias, du, None
+    dcap = None if softcap is None else dcap.astype(softcap.dtype)
+    return dh.astype(h.dtype), dkernel, dbias, du, None, dcap
 
 
 def _update(buffer, block_value, start):
@@ -257,8 +290,8 @@ def _coefficient_loss(lse, xy, total, a, b, c, zc):
     return jnp.sum(a * lse + b * xy + c * total + zc * lse * lse)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12))
-def _fused_loss(h, kernel, bias, u, labels, a, b, c, zc, token_block, block, softcap,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10, 11, 12))
+def _fused_loss(h, kernel, bias, u, labels, a, b, c, zc, softcap, token_block, block,
                 need_sum):
     """sum over tokens of `a lse + b x_label + c sum_k u_k x_k + zc lse^2`.
 
@@ -272,13 +305,13 @@ def _fused_loss(h, kernel, bias, u, labels, a, b, c, zc, token_block, block, sof
 
     A value-only call runs this primal: the vocab-block forward, one matmul.
     """
-    lse, xy, total = _stats_forward(h, kernel, bias, u, labels, block, softcap,
+    lse, xy, total = _stats_forward(h, kernel, bias, u, labels, softcap, block,
                                     need_sum)
     return _coefficient_loss(lse, xy, total, a, b, c, zc)
 
 
-def _fused_loss_fwd(h, kernel, bias, u, labels, a, b, c, zc, token_block, block,
-                    softcap, need_sum):
+def _fused_loss_fwd(h, kernel, bias, u, labels, a, b, c, zc, softcap, token_block,
+                    block, need_sum):
     acc = compute_dtype(h, kernel, bias)
     tokens, d = h.shape
     vocab = kernel.shape[1]
@@ -318,79 +351,63 @@ def _fused_loss_fwd(h, kernel, bias, u, labels, a, b, c, zc, token_block, block,
             dkernel, h_b, dz_b, cpu=kernel_grad_blocked,
             default=lambda g, h_b, dz_b: g + _dot(h_b, dz_b, 0, 0, acc))
 
+    u_acc = None if u is None else u.astype(acc)
+
     def step(carry, xs):
-        dkernel, dbias, du = carry
+        dkernel, dbias, du, dcap = carry
         h_b, labels_b, a_b, b_b, c_b, zc_b = xs
-        x, th = _block_logits(h_b, kernel, bias, softcap, acc)  # [token_block, vocab]
+        tile = _block_logits(h_b, kernel, bias, softcap, acc)  # [token_block, vocab]
+        x = tile[0]
         m = jnp.max(x, axis=1)
         e = jnp.exp(x - m[:, None])
         s = jnp.sum(e, axis=1)
         lse = m + jnp.log(s)
         xy = jnp.take_along_axis(x, labels_b[:, None], 1)[:, 0]
         if need_sum:
-            total = jnp.sum(x, axis=1) if u is None else _dot(x, u.astype(acc), 1, 0, acc)
+            total = jnp.sum(x, axis=1) if u is None else _dot(x, u_acc, 1, 0, acc)
         else:
             total = jnp.zeros_like(lse)
-        # d loss / d x: the softmax times d/d lse, the label's one-hot, and u.
-        g_lse = a_b + 2 * zc_b * lse
-        dx = (g_lse / s)[:, None] * e
-        dx = dx + jnp.where(jnp.arange(vocab)[None, :] == labels_b[:, None],
-                            b_b[:, None], 0)
-        if need_sum:
-            dx = dx + c_b[:, None] * (1 if u is None else u.astype(acc)[None, :])
-            if u is not None:
-                du = du + _dot(c_b, x, 0, 0, acc)
-        dz = dx if th is None else dx * (1 - th * th)  # d(s tanh(z/s))/dz
+        # e / s is the softmax; d loss / d lse = a + 2 zc lse.
+        dz, dbias_b, du_b, dcap_b = _tile_grads(
+            tile, softcap, (a_b + 2 * zc_b * lse) / s, e, labels_b, b_b,
+            c_b if need_sum else None, u_acc)
         # Gradient matmuls in the inputs' dtype (as the unfused bf16 backward does),
         # accumulated in f32.
         dz_in = dz.astype(h.dtype)
         dh_b = _dot(dz_in, kernel, 1, 1, acc)
         dkernel = kernel_grad(dkernel, h_b, dz_in)
         if bias is not None:
-            dbias = dbias + jnp.sum(dz, axis=0)
-        return (dkernel, dbias, du), (dh_b, lse, xy, total)
+            dbias = dbias + dbias_b
+        if du_b is not None:
+            du = du + du_b
+        if dcap_b is not None:
+            dcap = dcap + dcap_b
+        return (dkernel, dbias, du, dcap), (dh_b, lse, xy, total)
 
     carry = (jnp.zeros((d, vocab), acc),
              None if bias is None else jnp.zeros(bias.shape, acc),
-             None if u is None else jnp.zeros(u.shape, acc))
+             None if u is None else jnp.zeros(u.shape, acc),
+             None if softcap is None else jnp.zeros((), acc))
     carry = _vary_like(carry, h)
     xs = tuple(split(x) for x in (h, labels, a, b, c, zc))
-    (dkernel, dbias, du), (dh, lse, xy, total) = lax.scan(step, carry, xs)
+    (dkernel, dbias, du, dcap), (dh, lse, xy, total) = lax.scan(step, carry, xs)
     dh, lse, xy, total = (merge(x) for x in (dh, lse, xy, total))
     loss = _coefficient_loss(lse, xy, total, a, b, c, zc)
     # Empty arrays of the inputs' dtypes: the backward casts the gradients to them.
     dtypes = tuple(None if x is None else jnp.zeros((0,), x.dtype)
-                   for x in (h, kernel, bias, u))
-    return loss, ((dh, dkernel, dbias, du), (lse, xy, total, lse * lse), dtypes)
+                   for x in (h, kernel, bias, u, softcap))
+    return loss, ((dh, dkernel, dbias, du, dcap), (lse, xy, total, lse * lse), dtypes)
 
 
-def _fused_loss_bwd(token_block, block, softcap, need_sum, residuals, g):
+def _fused_loss_bwd(token_block, block, need_sum, residuals, g):
     grads, stats, dtypes = residuals
-    grads = tuple(None if x is None else (g * x).astype(like.dtype)
-                  for x, like in zip(grads, dtypes))
-    return grads + (None,) + tuple(g * x for x in stats)
+    dh, dkernel, dbias, du, dcap = (
+        None if x is None else (g * x).astype(like.dtype)
+        for x, like in zip(grads, dtypes))
+    return (dh, dkernel, dbias, du, None) + tuple(g * x for x in stats) + (dcap,)
 
 
 _fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)
-
-
-def _match_varying(arrays):
-    """Makes every array vary over the same shard_map axes (None entries stay None).
-
-    Inside `shard_map` the kernel varies over the vocab axis and the hidden states over
-    the token axis. The fused kernel's backward returns each input's cotangent with the
-    union of both; casting the inputs up front makes their transposes (psums over the
-    axes an input was replicated on) JAX's job rather than ours.
-    """
-    axes = frozenset().union(*(_varying_axes(a) for a in arrays if a is not None))
-    out = []
-    for a in arrays:
-        if a is not None:
-            missing = tuple(sorted(axes - _varying_axes(a)))
-            if missing:
-                a = lax.pcast(a, missing, to="varying")
-        out.append(a)
-    return out
 
 
 def linear_cross_entropy(
@@ -399,46 +416,55 @@ def linear_cross_entropy(
     labels: jax.Array,
     *,
     bias: jax.Array | None = None,
-    label_smoothing: float = 0.0,
+    label_smoothing: float | jax.Array = 0.0,
     ignore_index: int = -100,
     class_weights: jax.Array | None = None,
-    z_loss: float = 0.0,
-    logit_softcap: float | None = None,
+    z_loss: float | jax.Array = 0.0,
+    logit_softcap: float | jax.Array | None = None,
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
     block_size: int | None = None,
     return_lse: bool = False,
-    axis_name: str | None = None,
+    axis_name: AxisName = None,
+    vocab_axis_name: AxisName = None,
 ):
     r"""Softmax cross-entropy of a linear head, without materializing the logits.
 
     For language models and any classifier whose vocabulary is large: the value and
-    the gradients (w.r.t. `hidden`, `kernel`, `bias`) equal those of
-    `cross_entropy(hidden @ kernel + bias, labels, ...)` with the same options, but
-    the `[tokens, vocab]` logits and their gradient are never held in memory. A
-    value-only call walks the vocabulary in blocks of `block_size` columns of `kernel`
-    with an online logsumexp: one matmul's worth of work, `O(tokens * block_size)`
-    memory. Loss and gradient of a "sum" or "mean" loss walk blocks of tokens (each a
+    the gradients (w.r.t. `hidden`, `kernel`, `bias`, `class_weights` and the
+    hyperparameters) equal those of `cross_entropy(hidden @ kernel + bias, labels,
+    ...)` with integer labels, the class axis last and the same options, but the
+    `[tokens, vocab]` logits and their gradient are never held in memory. A value-only
+    call walks the vocabulary in blocks of `block_size` columns of `kernel` with an
+    online logsumexp: one matmul's worth of work, `O(tokens * block_size)` memory.
+    Loss and gradient of a "sum" or "mean" loss walk blocks of tokens (each a
     `[token_block, vocab]` f32 tile of at most 128 MiB on CPU, 1 GiB on accelerators,
     and at most 1/8 of the tokens) and compute the gradients in the forward pass:
     three matmuls, as the unfused version, plus an f32 `[d, vocab]` accumulator for
-    the kernel's gradient. With `reduction="none"`, `return_lse` or `axis_name` the
-    backward recomputes the logits block by block instead (four matmuls,
+    the kernel's gradient. With `reduction="none"`, `return_lse` or `vocab_axis_name`
+    the backward recomputes the logits block by block instead (four matmuls,
     `O(tokens * block_size)` memory). bf16 inputs are multiplied with f32
     accumulation (on CPU, converted to f32 first: faster there, same result).
-    Under `jit` with the tokens sharded over devices, each token block is spread over
-    all devices (blocks are strided), and the kernel's gradient is all-reduced once
-    per token block; inside `shard_map` on local tokens it is not reduced at all
-    (reduce the gradients yourself, once).
 
-    With `axis_name`, call it inside `jax.shard_map` with `kernel` (and `bias`,
-    `class_weights`) sharded over that mesh axis on the vocab dimension: each shard
-    owns the vocab range `[i * local_vocab, (i + 1) * local_vocab)` (`i` its axis
-    index), `labels` hold global ids, and the shards combine their logsumexps and label
-    logits with collectives; the kernel is never gathered. Tokens may be sharded over
-    another axis at the same time; the reduction is then over the local tokens (reduce
-    over the token axis yourself, e.g. `lax.pmean`).
+    Devices. Under `jit` with the tokens sharded over devices, each token block is
+    spread over all devices (blocks are strided, nothing is gathered), and the
+    kernel's gradient is all-reduced once per token block. Inside `jax.shard_map`
+    with the tokens sharded, the kernel replicated and no `axis_name`, the loss is
+    over the local tokens: take the gradient of the `psum`med (or `pmean`med) loss,
+    and shard_map itself sums the replicated kernel's gradient over the devices (do
+    not reduce it again: that gives N times the gradient). With `axis_name` (the
+    batch axis, as for every lossjax loss) "sum" and "mean" are over the global batch
+    on every device, with exact gradients under `shard_map` and `pmap` (see
+    `reduce_loss`). With `vocab_axis_name`, `kernel` (and `bias`, `class_weights`) are
+    sharded over that mesh / pmap axis on the vocab dimension: each shard owns the
+    vocab range `[i * local_vocab, (i + 1) * local_vocab)` (`i` its axis index),
+    `labels` hold global ids, and the shards combine their logsumexps and label
+    logits with collectives; the kernel is never gathered. Both axes may be given at
+    once on a 2-D mesh. Under `pmap` each device's gradient w.r.t. its own inputs is
+    its share of the global gradient: a replicated input's global gradient (the
+    kernel over the batch axis, `hidden` over the vocab axis) is `lax.psum` of the
+    shares.
 
     .. math::
         \ell = -\sum_k w_k\, \tilde t_k \log \mathrm{softmax}(c(hW + b))_k
@@ -453,27 +479,34 @@ def linear_cross_entropy(
     Args:
       hidden: float `[..., d]`, the final hidden states.
       kernel: float `[d, vocab]`, the head's kernel (flax `Dense` layout; tied
-        embeddings pass `embedding.T`). Local vocab shard with `axis_name`.
+        embeddings pass `embedding.T`). Local vocab shard with `vocab_axis_name`.
       labels: integer `[...]` (= `hidden.shape[:-1]`), global class ids.
-      bias: float `[vocab]` or None.
-      label_smoothing: epsilon in [0, 1].
+      bias: float `[vocab]` or None (sharded like `kernel`).
+      label_smoothing: epsilon in [0, 1]; may be a traced scalar.
       ignore_index: labels equal to it are excluded (as `where=False`).
-      class_weights: float `[vocab]`: an entry's weight is `class_weights[label]`.
-      z_loss: coefficient of `logsumexp(logits)**2` added to each entry.
-      logit_softcap: if set to s, logits become `s * tanh(logits / s)` first.
+      class_weights: float `[vocab]` (sharded like `kernel`): an entry's weight is
+        `class_weights[label]`.
+      z_loss: coefficient (>= 0) of `logsumexp(logits)**2` added to each entry; may
+        be a traced scalar.
+      logit_softcap: if set to s > 0, logits become `s * tanh(logits / s)` first; may
+        be a traced scalar.
       where: bool, broadcastable to `labels.shape`; False entries count for nothing.
       weights: float, broadcastable to `labels.shape`; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (see `reduce_loss`).
       block_size: vocab columns per block (default 1024 on CPU, 8192 on
         accelerators; capped at the vocab size).
       return_lse: also return the per-token logsumexp of the soft-capped logits.
-      axis_name: the mesh axis the vocab is sharded over (inside `shard_map` or
-        `pmap`), or None.
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is sharded;
+        "sum"/"mean" are then over the global batch, exact values and gradients
+        under shard_map and pmap; "none" stays local (the README's contract).
+      vocab_axis_name: the mesh / pmap axis (or tuple) over which `kernel` is sharded
+        on the vocab dimension, or None.
 
     Returns:
-      "none": `labels.shape`; "sum", "mean": a scalar; dtype
-      `promote_types(hidden.dtype, kernel.dtype, float32)`. With `return_lse`, a pair
-      `(loss, lse)` with `lse` of shape `labels.shape` (0 for excluded entries).
+      "none": `labels.shape`; "sum", "mean": a scalar; "sum_and_weight": a pair of
+      scalars; dtype `promote_types(hidden.dtype, kernel.dtype, float32)`. With
+      `return_lse`, a pair `(loss, lse)` with `lse` of shape `labels.shape` (0 for
+      excluded entries).
 
     Example:
       >>> import jax.numpy as jnp, lossjax
@@ -492,6 +525,10 @@ def linear_cross_entropy(
 
     See also: `cross_entropy`.
     """
+    # NumPy arrays become JAX arrays once: indexing one with traced labels would not.
+    hidden, kernel, labels = (jnp.asarray(x) for x in (hidden, kernel, labels))
+    bias, class_weights = (None if x is None else jnp.asarray(x)
+                           for x in (bias, class_weights))
     _checks.check_float("hidden", hidden)
     _checks.check_float("kernel", kernel)
     _checks.check_int("labels", labels)
@@ -519,17 +556,16 @@ def linear_cross_entropy(
         raise ValueError(
             f"block_size must be a positive int or None, got {block_size!r}.")
     block = min(block, local_vocab)
-    if isinstance(label_smoothing, (int, float)) and not 0 <= label_smoothing <= 1:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}.")
-    if logit_softcap is not None and not logit_softcap > 0:
-        raise ValueError(
-            f"logit_softcap must be positive or None, got {logit_softcap}.")
+    _checks.check_range("label_smoothing", label_smoothing, low=0, high=1)
+    _checks.check_range("z_loss", z_loss, low=0)
+    if logit_softcap is not None:
+        _checks.check_range("logit_softcap", logit_softcap, low=0, low_open=True)
 
-    if axis_name is None:
+    if vocab_axis_name is None:
         num_shards, offset = 1, 0
     else:
-        num_shards = lax.axis_size(axis_name)
-        offset = lax.axis_index(axis_name) * local_vocab
+        num_shards = lax.axis_size(vocab_axis_name)
+        offset = lax.axis_index(vocab_axis_name) * local_vocab
     vocab = num_shards * local_vocab
 
     loss_shape = labels.shape
@@ -553,8 +589,11 @@ def linear_cross_entropy(
 
     h2 = hidden.reshape(-1, d)
     local_labels = (safe_labels - offset).reshape(-1)
-    need_sum = bool(label_smoothing)
-    h2, kernel_, bias_, cw_ = _match_varying([h2, kernel, bias, class_weights])
+    # A traced label_smoothing is never "zero": its term (and gradient) is computed.
+    need_sum = not _checks.is_zero(label_smoothing)
+    softcap = None if logit_softcap is None else jnp.asarray(logit_softcap, dtype)
+    kernel_inputs = (h2, kernel, bias, class_weights, softcap)
+    h2, kernel_, bias_, cw_, softcap = _vary_like(kernel_inputs, kernel_inputs)
     u = cw_ if need_sum else None
 
     def loss_of_stats(lse, label_logit, total):
@@ -565,17 +604,19 @@ def linear_cross_entropy(
             label_weight = jnp.where(owned, class_weights.astype(dtype)[
                 jnp.clip(local_labels, 0, local_vocab - 1)], 0)
             wbar = jnp.sum(class_weights.astype(dtype))
-        if axis_name is not None:
+        if vocab_axis_name is not None:
             # Combine the shards' logsumexps; the max is only a shift (the result does
-            # not depend on it), so it needs no gradient.
-            m = lax.pmax(lax.stop_gradient(lse), axis_name)
-            lse = m + jnp.log(lax.psum(jnp.exp(lse - m), axis_name))
-            label_logit = lax.psum(label_logit, axis_name)
+            # not depend on it), so it needs no gradient. `global_sum`: each shard's
+            # statistics get their own cotangent back under pmap too (a plain psum
+            # would transpose into another psum there: N times the gradient).
+            m = lax.pmax(lax.stop_gradient(lse), vocab_axis_name)
+            lse = m + jnp.log(global_sum(jnp.exp(lse - m), vocab_axis_name))
+            label_logit = global_sum(label_logit, vocab_axis_name)
             if need_sum:
-                total = lax.psum(total, axis_name)
+                total = global_sum(total, vocab_axis_name)
             if class_weights is not None:
-                label_weight = lax.psum(label_weight, axis_name)
-                wbar = lax.psum(wbar, axis_name)
+                label_weight = global_sum(label_weight, vocab_axis_name)
+                wbar = global_sum(wbar, vocab_axis_name)
         lse = lse.reshape(loss_shape)
         label_logit = label_logit.reshape(loss_shape)
 
@@ -585,11 +626,11 @@ def linear_cross_entropy(
             label_weight = label_weight.reshape(loss_shape)
             wbar = wbar / vocab
             nll = label_weight * nll
-        if label_smoothing:
+        if need_sum:
             mean_weighted_logit = total.reshape(loss_shape) / vocab
             uniform = (lse if class_weights is None else wbar * lse) - mean_weighted_logit
             nll = (1.0 - label_smoothing) * nll + label_smoothing * uniform
-        entry = nll + z_loss * lse**2 if z_loss else nll
+        entry = nll if _checks.is_zero(z_loss) else nll + z_loss * lse**2
         entry = jnp.where(in_range, entry, jnp.nan)
         normalizer, entry_weights = None, weights
         if label_weight is not None:
@@ -597,31 +638,42 @@ def linear_cross_entropy(
             if weights is None:
                 entry_weights = jnp.ones((), dtype)
         loss = reduce_loss(entry, kept=kept, weights=entry_weights, reduction=reduction,
-                           normalizer=normalizer)
+                           normalizer=normalizer, axis_name=axis_name)
         return loss, lse
 
     tokens = h2.shape[0]
-    if reduction != "none" and not return_lse and axis_name is None and tokens > 1:
+    if (reduction != "none" and not return_lse and vocab_axis_name is None
+            and tokens > 1):
         # Loss and gradient in one token-block pass (`_fused_loss`). The loss is linear
         # in the per-token statistics except for z-loss's lse^2, so its coefficients
         # are `loss_of_stats`'s derivatives at zero (and at lse = 1 for the quadratic
         # part), and its value at zero is 0 (NaN when a kept label is out of range).
         # A single token's block would be its whole logits row: the vocab-block path.
-        zeros, ones = jnp.zeros((tokens,), dtype), jnp.ones((tokens,), dtype)
+        # The zeros vary like the tokens: taken at device-invariant zeros inside
+        # shard_map, the coefficients would be summed over the devices.
+        zeros, ones = _vary_like(
+            (jnp.zeros((tokens,), dtype), jnp.ones((tokens,), dtype)), h2)
 
-        def stats_loss(lse, label_logit, total):
-            return loss_of_stats(lse, label_logit, total)[0]
+        def numerator(lse, label_logit, total):
+            loss = loss_of_stats(lse, label_logit, total)[0]
+            return loss[0] if reduction == "sum_and_weight" else loss
 
-        a, b, c = jax.grad(stats_loss, argnums=(0, 1, 2))(zeros, zeros, zeros)
-        zc = (jax.grad(stats_loss)(ones, zeros, zeros) - a) / 2
-        return stats_loss(zeros, zeros, zeros) + _fused_loss(
-            h2, kernel_, bias_, u, local_labels, a, b, c, zc,
-            _token_block(tokens, local_vocab), block, logit_softcap, need_sum)
+        a, b, c = jax.grad(numerator, argnums=(0, 1, 2))(zeros, zeros, zeros)
+        zc = (jax.grad(numerator)(ones, zeros, zeros) - a) / 2
+        # The coefficients carry the global batch's normalizer; the kernel's sum over
+        # the local tokens is summed over the batch axis like the loss itself.
+        fused = global_sum(_fused_loss(
+            h2, kernel_, bias_, u, local_labels, a, b, c, zc, softcap,
+            _token_block(tokens, local_vocab), block, need_sum), axis_name)
+        at_zero = loss_of_stats(zeros, zeros, zeros)[0]
+        if reduction == "sum_and_weight":
+            return at_zero[0] + fused, at_zero[1]
+        return at_zero + fused
 
     # Per-token losses, the lse output or vocab shards: per-token statistics with
     # per-token cotangents (`_fused_stats`).
     lse, label_logit, total = _fused_stats(
-        h2, kernel_, bias_, u, local_labels, block, logit_softcap, need_sum)
+        h2, kernel_, bias_, u, local_labels, softcap, block, need_sum)
     loss, lse = loss_of_stats(lse, label_logit, total)
     if not return_lse:
         return loss
