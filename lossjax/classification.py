@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from lossjax import _checks
-from lossjax._reduce import compute_dtype, kept_mask, reduce_loss, sanitize
+from lossjax._reduce import AxisName, compute_dtype, kept_mask, reduce_loss, sanitize
 
 __all__ = [
     "binary_cross_entropy",
@@ -24,9 +24,25 @@ __all__ = [
 LOSS_NAMES = tuple(__all__)
 
 
-def _softcap(logits: jax.Array, cap: float | None) -> jax.Array:
+def _hyper(value, dtype):
+    """A float hyperparameter as the math uses it: a Python number as given (weakly
+    typed), anything else (a traced schedule, a NumPy scalar) in the compute `dtype`,
+    so that it never widens the result's dtype."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    return jnp.asarray(value).astype(dtype)
+
+
+def _softcap(logits: jax.Array, cap) -> jax.Array:
     # tanh capping (Gemma 2): keeps |logits| < cap with slope 1 near 0.
     return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
+def _check_cross_entropy_hyperparameters(label_smoothing, z_loss, logit_softcap):
+    _checks.check_range("label_smoothing", label_smoothing, low=0, high=1)
+    _checks.check_range("z_loss", z_loss, low=0)
+    if logit_softcap is not None:
+        _checks.check_range("logit_softcap", logit_softcap, low=0, low_open=True)
 
 
 def _integer_label_setup(loss: str, logits, labels, axis, class_weights, ignore_index,
@@ -141,16 +157,18 @@ def _label_weight(class_weights, safe_labels, dtype):
     return jnp.asarray(class_weights, dtype)[safe_labels]
 
 
-def _reduce_class_weighted(entry, label_weight, *, kept, weights, reduction):
+def _reduce_class_weighted(entry, label_weight, *, kept, weights, reduction,
+                           axis_name):
     """reduce_loss for an integer-label loss whose entries already hold w_y * loss.
 
-    torch's convention: the labels' class weights are also the "mean" denominator.
+    torch's convention: the labels' class weights are also the "mean" denominator
+    (and the weight of "sum_and_weight").
     """
     normalizer = None
     if label_weight is not None:
         normalizer = label_weight if weights is None else weights * label_weight
     return reduce_loss(entry, kept=kept, weights=weights, reduction=reduction,
-                       normalizer=normalizer)
+                       normalizer=normalizer, axis_name=axis_name)
 
 
 def cross_entropy(
@@ -166,6 +184,7 @@ def cross_entropy(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
+    axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Softmax cross-entropy against integer labels or target distributions.
 
@@ -191,19 +210,26 @@ def cross_entropy(
       axis: the class axis of `logits`.
       label_smoothing: epsilon in [0, 1]; mixes the targets with the uniform
         distribution, torch's convention (the uniform part is class-weighted too).
+        May be a traced scalar (a schedule).
       class_weights: float `[num_classes]`. For integer labels an entry's weight is
         `class_weights[label]` (also in the "mean" denominator, as torch); for float
         targets each class's term is scaled inside the entry.
       ignore_index: integer labels equal to it are excluded (as `where=False`).
-      z_loss: coefficient of `logsumexp(logits)**2` added to each entry.
-      logit_softcap: if set to s, logits become `s * tanh(logits / s)` first.
+      z_loss: coefficient (>= 0) of `logsumexp(logits)**2` added to each entry; may
+        be a traced scalar.
+      logit_softcap: if set to s > 0, logits become `s * tanh(logits / s)` first;
+        may be a traced scalar.
       where: bool, broadcastable to the loss shape; False entries count for nothing.
       weights: float, broadcastable to the loss shape; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (see `reduce_loss`).
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is sharded;
+        "sum"/"mean" are then over the global batch, exact values and gradients
+        under shard_map and pmap; "none" stays local (the README's contract).
 
     Returns:
-      "none": the loss shape (`logits.shape` without `axis`); "sum", "mean": a scalar.
-      dtype `promote_types(logits.dtype, float32)`.
+      "none": the loss shape (`logits.shape` without `axis`); "sum", "mean": a scalar;
+      "sum_and_weight": a pair of scalars. dtype `promote_types(logits.dtype,
+      float32)`.
 
     Example:
       >>> import jax.numpy as jnp, lossjax
@@ -221,43 +247,68 @@ def cross_entropy(
     See also: `focal_loss`, `binary_cross_entropy`, `linear_cross_entropy`.
     """
     _checks.check_float("logits", logits)
+    _check_cross_entropy_hyperparameters(label_smoothing, z_loss, logit_softcap)
     if jnp.issubdtype(jnp.result_type(labels), jnp.floating):
         return _cross_entropy_soft(
             logits, labels, axis=axis, label_smoothing=label_smoothing,
             class_weights=class_weights, z_loss=z_loss, logit_softcap=logit_softcap,
-            where=where, weights=weights, reduction=reduction)
+            where=where, weights=weights, reduction=reduction, axis_name=axis_name)
     x, safe_labels, in_range, kept, class_weights = _integer_label_setup(
         "cross_entropy", logits, labels, axis, class_weights, ignore_index, where,
         sanitize_rows=False)
-    if logit_softcap is not None:
-        # tanh's derivative at an excluded NaN would be NaN: sanitize first.
-        x = _softcap(sanitize(x, kept, 0, axis=-1), logit_softcap)
-    # Excluded rows are not sanitized (that pass is slow on CPU): the masked logsumexp
-    # gives them zero value and gradient, the gather's and the means' derivatives do
-    # not depend on the values, and reduce_loss drops their (possibly NaN) entries.
-    lse = _masked_logsumexp(x, _all_kept(kept, x.shape[:-1]))
+    lse, x = _softcap_and_logsumexp(x, kept, logit_softcap)
     # -log p_y = lse - x_y: the log-softmax is never materialized.
     nll = lse - _take_kept_label(x, safe_labels, kept)
     label_weight = _label_weight(class_weights, safe_labels, x.dtype)
     if label_weight is not None:
         nll = label_weight * nll
-    if label_smoothing:
-        # Uniform part: (eps / K) * sum_k w_k * (-log p_k) = eps * (lse * mean(w) -
-        # mean(w * x)), torch's form (class-weighted, not renormalized).
-        if class_weights is None:
-            uniform = lse - jnp.mean(x, axis=-1)
-        else:
-            w = class_weights.astype(x.dtype)
-            uniform = jnp.mean(w) * lse - jnp.mean(w * x, axis=-1)
-        nll = (1.0 - label_smoothing) * nll + label_smoothing * uniform
-    entry = nll + z_loss * lse**2 if z_loss else nll
+    if not _checks.is_zero(label_smoothing):
+        eps = _hyper(label_smoothing, x.dtype)
+        nll = (1.0 - eps) * nll + eps * _uniform_term(x, lse, kept, class_weights)
+    entry = _add_z_loss(nll, lse, z_loss)
     entry = jnp.where(in_range, entry, jnp.nan)
     return _reduce_class_weighted(entry, label_weight, kept=kept, weights=weights,
-                                  reduction=reduction)
+                                  reduction=reduction, axis_name=axis_name)
+
+
+def _softcap_and_logsumexp(x, kept, logit_softcap):
+    """(logsumexp of the soft-capped logits, masked to 0 in excluded rows; the logits
+    as the loss uses them)."""
+    if logit_softcap is not None:
+        # tanh's derivative at an excluded NaN would be NaN: sanitize first.
+        x = _softcap(sanitize(x, kept, 0, axis=-1), _hyper(logit_softcap, x.dtype))
+    # Exact without sanitize: _masked_logsumexp's custom JVP masks inside its own
+    # passes (a sanitizing pass over [..., K] is slow on CPU); the gather's and the
+    # means' derivatives do not depend on the values; reduce_loss drops the entries.
+    return _masked_logsumexp(x, _all_kept(kept, x.shape[:-1])), x
+
+
+def _uniform_term(x, lse, kept, class_weights):
+    """(1 / K) sum_k w_k (-log p_k): label smoothing's uniform part, 0 where excluded.
+
+    = lse * mean(w) - mean(w * x), torch's form (class-weighted, not renormalized).
+    """
+    if class_weights is None:
+        uniform = lse - jnp.mean(x, axis=-1)
+    else:
+        w = jnp.asarray(class_weights).astype(x.dtype)
+        # x masked inside the product (it fuses into the mean), so that the gradient
+        # w.r.t. the class weights, a sum over rows, never meets an excluded NaN.
+        uniform = jnp.mean(w) * lse - jnp.mean(w * sanitize(x, kept, 0, axis=-1), -1)
+    # Excluded rows may hold NaN here: masked, so that the gradient of a traced
+    # label_smoothing (a sum over rows) stays finite.
+    return uniform if kept is None else jnp.where(kept, uniform, 0)
+
+
+def _add_z_loss(entry, lse, z_loss):
+    # PaLM's z-loss; lse is already 0 in excluded rows.
+    if _checks.is_zero(z_loss):
+        return entry
+    return entry + _hyper(z_loss, lse.dtype) * lse**2
 
 
 def _cross_entropy_soft(logits, targets, *, axis, label_smoothing, class_weights,
-                        z_loss, logit_softcap, where, weights, reduction):
+                        z_loss, logit_softcap, where, weights, reduction, axis_name):
     """cross_entropy for float target distributions (same shape as logits)."""
     _checks.check_same_shape("logits", logits, "labels", targets)
     axis = _checks.normalize_axis(axis, jnp.ndim(logits))
@@ -274,23 +325,25 @@ def _cross_entropy_soft(logits, targets, *, axis, label_smoothing, class_weights
     _checks.assert_finite("cross_entropy", "logits", x, kept_c)
     _checks.assert_unit_interval("cross_entropy", "float labels", t, kept_c)
     x, t = x.astype(dtype), t.astype(dtype)
-    if logit_softcap is not None:
-        # tanh's derivative at an excluded NaN would be NaN: sanitize first.
-        x = _softcap(sanitize(x, kept, 0, axis=-1), logit_softcap)
-    if label_smoothing:
-        t = (1.0 - label_smoothing) * t + label_smoothing / num_classes
+    lse, x = _softcap_and_logsumexp(x, kept, logit_softcap)
     if class_weights is not None:
-        t = t * jnp.asarray(class_weights).astype(dtype)
-    # As for integer labels, excluded rows are not sanitized (a slow pass on CPU): each
-    # row term below is masked with derivatives that never multiply an excluded value.
-    all_kept = _all_kept(kept, x.shape[:-1])
-    lse = _masked_logsumexp(x, all_kept)
+        # t masked inside the product (it fuses into the row dot), so that the
+        # gradient w.r.t. the class weights never meets an excluded NaN.
+        t = sanitize(t, kept, 0, axis=-1) * jnp.asarray(class_weights).astype(dtype)
+    # As for integer labels, excluded rows are not sanitized (a slow pass on CPU):
+    # exact through _masked_row_dot's custom JVP, which masks before it multiplies.
     # sum_k t_k (lse - x_k) in one reduction (not lse * sum(t) - sum(t * x), one pass
     # more), without forming log-softmax; 0 * log 0 never arises as logits are finite.
-    entry = _masked_row_dot(t, lse[..., None] - x, all_kept)
-    if z_loss:
-        entry = entry + z_loss * lse**2
-    return reduce_loss(entry, kept=kept, weights=weights, reduction=reduction)
+    entry = _masked_row_dot(t, lse[..., None] - x, _all_kept(kept, x.shape[:-1]))
+    if not _checks.is_zero(label_smoothing):
+        # The smoothed targets' loss as (1 - eps) * entry + eps * uniform, not by
+        # rewriting t: t of an excluded row may be NaN, and would make the gradient
+        # of a traced label_smoothing NaN.
+        eps = _hyper(label_smoothing, dtype)
+        entry = (1.0 - eps) * entry + eps * _uniform_term(x, lse, kept, class_weights)
+    entry = _add_z_loss(entry, lse, z_loss)
+    return reduce_loss(entry, kept=kept, weights=weights, reduction=reduction,
+                       axis_name=axis_name)
 
 
 @jax.custom_jvp
@@ -358,6 +411,7 @@ def binary_cross_entropy(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
+    axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Sigmoid (binary) cross-entropy between logits and probabilities in [0, 1].
 
@@ -381,14 +435,18 @@ def binary_cross_entropy(
       targets: float in [0, 1], the same shape as `logits`.
       pos_weight: float, broadcastable to `logits` (e.g. `[num_classes]`); multiplies
         the positive term, torch's `pos_weight`.
-      label_smoothing: epsilon in [0, 1], Keras's convention.
+      label_smoothing: epsilon in [0, 1], Keras's convention; may be a traced
+        scalar.
       where: bool, broadcastable to `logits.shape`; False entries count for nothing.
       weights: float, broadcastable to `logits.shape`; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (see `reduce_loss`).
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is sharded;
+        "sum"/"mean" are then over the global batch, exact values and gradients
+        under shard_map and pmap; "none" stays local (the README's contract).
 
     Returns:
-      "none": `logits.shape`; "sum", "mean": a scalar. dtype
-      `promote_types(logits.dtype, float32)`.
+      "none": `logits.shape`; "sum", "mean": a scalar; "sum_and_weight": a pair of
+      scalars. dtype `promote_types(logits.dtype, float32)`.
 
     Example:
       >>> import jax.numpy as jnp, lossjax
@@ -397,12 +455,14 @@ def binary_cross_entropy(
       ...                              reduction="none")
       Array([0.1269 , 0.3133, 0.6931], dtype=float32)
 
-    See also: `sigmoid_focal_loss`, `cross_entropy`, `multilabel_soft_margin_loss`.
+    See also: `sigmoid_focal_loss`, `cross_entropy`, `soft_margin_loss`.
     """
+    _checks.check_range("label_smoothing", label_smoothing, low=0, high=1)
     x, t, kept = _elementwise_setup("binary_cross_entropy", logits, targets, where,
                                     name="logits")
-    if label_smoothing:
-        t = (1.0 - label_smoothing) * t + 0.5 * label_smoothing
+    if not _checks.is_zero(label_smoothing):
+        eps = _hyper(label_smoothing, x.dtype)
+        t = (1.0 - eps) * t + 0.5 * eps
     # -log sigmoid(+-x) = softplus(-+x) = max(-+x, 0) + log1p(exp(-|x|)): both share one
     # exp and one log1p (two log_sigmoid calls cost 1.5x on CPU), every term is >= 0
     # (torch's (1 - t) x + softplus(-x) cancels, losing small losses), and it is finite
@@ -418,7 +478,8 @@ def binary_cross_entropy(
         _checks.check_broadcastable("pos_weight", pos_weight, x.shape)
         positive = jnp.asarray(pos_weight).astype(x.dtype) * positive
     entry = positive + (1.0 - t) * neg_log_not_p
-    return reduce_loss(entry, kept=kept, weights=weights, reduction=reduction)
+    return reduce_loss(entry, kept=kept, weights=weights, reduction=reduction,
+                       axis_name=axis_name)
 
 
 def _safe_log(u: jax.Array) -> jax.Array:
@@ -478,6 +539,7 @@ def sigmoid_focal_loss(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
+    axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Sigmoid focal loss (RetinaNet): binary cross-entropy scaled by (1 - p_t)^gamma.
 
@@ -502,15 +564,20 @@ def sigmoid_focal_loss(
     Args:
       logits: float, any shape `[...]`.
       targets: float in [0, 1], the same shape as `logits`.
-      alpha: weight of the positive class in [0, 1], or None for no alpha weighting.
+      alpha: weight of the positive class in [0, 1], or None for no alpha weighting;
+        may be a traced scalar.
       gamma: focusing exponent, >= 0; 0 gives (alpha-weighted) binary cross-entropy.
+        May be a traced scalar.
       where: bool, broadcastable to `logits.shape`; False entries count for nothing.
       weights: float, broadcastable to `logits.shape`; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (see `reduce_loss`).
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is sharded;
+        "sum"/"mean" are then over the global batch, exact values and gradients
+        under shard_map and pmap; "none" stays local (the README's contract).
 
     Returns:
-      "none": `logits.shape`; "sum", "mean": a scalar. dtype
-      `promote_types(logits.dtype, float32)`.
+      "none": `logits.shape`; "sum", "mean": a scalar; "sum_and_weight": a pair of
+      scalars. dtype `promote_types(logits.dtype, float32)`.
 
     Example:
       >>> import jax.numpy as jnp, lossjax
@@ -524,17 +591,20 @@ def sigmoid_focal_loss(
 
     See also: `binary_cross_entropy`, `focal_loss`.
     """
-    if isinstance(gamma, (int, float)) and gamma < 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}.")
+    _checks.check_range("gamma", gamma, low=0)
+    if alpha is not None:
+        _checks.check_range("alpha", alpha, low=0, high=1)
     x, t, kept = _elementwise_setup("sigmoid_focal_loss", logits, targets, where,
                                     name="logits")
     # log_sigmoid forms: finite for any finite logit.
     entry = -(t * jax.nn.log_sigmoid(x) + (1.0 - t) * jax.nn.log_sigmoid(-x))
-    if not (isinstance(gamma, (int, float)) and gamma == 0):
-        entry = entry * _sigmoid_focal_factor(x, t, jnp.asarray(gamma, x.dtype))
+    if not _checks.is_zero(gamma):
+        entry = entry * _sigmoid_focal_factor(x, t, jnp.asarray(gamma).astype(x.dtype))
     if alpha is not None:
+        alpha = _hyper(alpha, x.dtype)
         entry = (alpha * t + (1.0 - alpha) * (1.0 - t)) * entry
-    return reduce_loss(entry, kept=kept, weights=weights, reduction=reduction)
+    return reduce_loss(entry, kept=kept, weights=weights, reduction=reduction,
+                       axis_name=axis_name)
 
 
 # --- softmax (integer-label) losses ---------------------------------------------------
@@ -551,6 +621,7 @@ def focal_loss(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
+    axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Softmax focal loss: cross-entropy scaled by (1 - p_y)^gamma.
 
@@ -574,16 +645,20 @@ def focal_loss(
       logits: float, `[..., num_classes, ...]` with the classes on `axis`.
       labels: integer class ids, `logits.shape` without `axis`.
       axis: the class axis of `logits`.
-      gamma: focusing exponent, >= 0.
+      gamma: focusing exponent, >= 0; may be a traced scalar.
       class_weights: float `[num_classes]`; entry weight `class_weights[label]`.
       ignore_index: labels equal to it are excluded (as `where=False`).
       where: bool, broadcastable to the loss shape; False entries count for nothing.
       weights: float, broadcastable to the loss shape; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (see `reduce_loss`).
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is sharded;
+        "sum"/"mean" are then over the global batch, exact values and gradients
+        under shard_map and pmap; "none" stays local (the README's contract).
 
     Returns:
-      "none": the loss shape (`logits.shape` without `axis`); "sum", "mean": a scalar.
-      dtype `promote_types(logits.dtype, float32)`.
+      "none": the loss shape (`logits.shape` without `axis`); "sum", "mean": a scalar;
+      "sum_and_weight": a pair of scalars. dtype `promote_types(logits.dtype,
+      float32)`.
 
     Example:
       >>> import jax.numpy as jnp, lossjax
@@ -596,14 +671,13 @@ def focal_loss(
 
     See also: `cross_entropy`, `sigmoid_focal_loss`, `poly1_cross_entropy`.
     """
-    if isinstance(gamma, (int, float)) and gamma < 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}.")
+    _checks.check_range("gamma", gamma, low=0)
     x, safe_labels, in_range, kept, class_weights = _integer_label_setup(
         "focal_loss", logits, labels, axis, class_weights, ignore_index, where)
     lse = jax.nn.logsumexp(x, axis=-1)
     log_p = _take_label(x, safe_labels) - lse
     entry = -log_p
-    if not (isinstance(gamma, (int, float)) and gamma == 0):
+    if not _checks.is_zero(gamma):
         num_classes = x.shape[-1]
         if num_classes == 1:
             # p_y = 1: the factor is 0 (0 ** gamma), and 0 * log p_y = 0.
@@ -613,13 +687,13 @@ def focal_loss(
             # log(1 - p_y) = logsumexp over k != y minus logsumexp over all: exact even
             # where p_y rounds to 1, so no 0 * inf in the derivatives.
             log_q = jax.nn.logsumexp(x, axis=-1, where=others) - lse
-            entry = jnp.exp(gamma * log_q) * entry
+            entry = jnp.exp(_hyper(gamma, x.dtype) * log_q) * entry
     label_weight = _label_weight(class_weights, safe_labels, x.dtype)
     if label_weight is not None:
         entry = label_weight * entry
     entry = jnp.where(in_range, entry, jnp.nan)
     return _reduce_class_weighted(entry, label_weight, kept=kept, weights=weights,
-                                  reduction=reduction)
+                                  reduction=reduction, axis_name=axis_name)
 
 
 def poly1_cross_entropy(
@@ -633,6 +707,7 @@ def poly1_cross_entropy(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
+    axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Poly-1 cross-entropy (PolyLoss): cross-entropy plus epsilon * (1 - p_y).
 
@@ -650,17 +725,23 @@ def poly1_cross_entropy(
     Args:
       logits: float, `[..., num_classes, ...]` with the classes on `axis`.
       labels: integer class ids, `logits.shape` without `axis`.
-      epsilon: the coefficient of the first polynomial term.
+      epsilon: added to the coefficient (1) of the first polynomial term, >= -1
+        (the paper's range: the coefficient 1 + epsilon stays >= 0); may be a
+        traced scalar.
       axis: the class axis of `logits`.
       class_weights: float `[num_classes]`; entry weight `class_weights[label]`.
       ignore_index: labels equal to it are excluded (as `where=False`).
       where: bool, broadcastable to the loss shape; False entries count for nothing.
       weights: float, broadcastable to the loss shape; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (see `reduce_loss`).
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is sharded;
+        "sum"/"mean" are then over the global batch, exact values and gradients
+        under shard_map and pmap; "none" stays local (the README's contract).
 
     Returns:
-      "none": the loss shape (`logits.shape` without `axis`); "sum", "mean": a scalar.
-      dtype `promote_types(logits.dtype, float32)`.
+      "none": the loss shape (`logits.shape` without `axis`); "sum", "mean": a scalar;
+      "sum_and_weight": a pair of scalars. dtype `promote_types(logits.dtype,
+      float32)`.
 
     Example:
       >>> import jax.numpy as jnp, lossjax
@@ -674,20 +755,22 @@ def poly1_cross_entropy(
 
     See also: `cross_entropy`, `focal_loss`.
     """
+    _checks.check_range("epsilon", epsilon, low=-1)
     x, safe_labels, in_range, kept, class_weights = _integer_label_setup(
         "poly1_cross_entropy", logits, labels, axis, class_weights, ignore_index, where,
         sanitize_rows=False)
-    # As in cross_entropy: excluded rows need no sanitizing pass; nll is 0 there.
+    # Exact without sanitize, as in cross_entropy: _masked_logsumexp's custom JVP
+    # masks inside its passes; nll is 0 in excluded rows.
     nll = (_masked_logsumexp(x, _all_kept(kept, x.shape[:-1]))
            - _take_kept_label(x, safe_labels, kept))
     # 1 - p_y = -expm1(log p_y): accurate when p_y is close to 1.
-    entry = nll - epsilon * jnp.expm1(-nll)
+    entry = nll - _hyper(epsilon, x.dtype) * jnp.expm1(-nll)
     label_weight = _label_weight(class_weights, safe_labels, x.dtype)
     if label_weight is not None:
         entry = label_weight * entry
     entry = jnp.where(in_range, entry, jnp.nan)
     return _reduce_class_weighted(entry, label_weight, kept=kept, weights=weights,
-                                  reduction=reduction)
+                                  reduction=reduction, axis_name=axis_name)
 
 
 def nll_loss(
@@ -700,6 +783,7 @@ def nll_loss(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
+    axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Negative log-likelihood of integer labels under given log-probabilities.
 
@@ -720,11 +804,15 @@ def nll_loss(
       ignore_index: labels equal to it are excluded (as `where=False`).
       where: bool, broadcastable to the loss shape; False entries count for nothing.
       weights: float, broadcastable to the loss shape; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (see `reduce_loss`).
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is sharded;
+        "sum"/"mean" are then over the global batch, exact values and gradients
+        under shard_map and pmap; "none" stays local (the README's contract).
 
     Returns:
       "none": the loss shape (`log_predictions.shape` without `axis`); "sum", "mean": a
-      scalar. dtype `promote_types(log_predictions.dtype, float32)`.
+      scalar; "sum_and_weight": a pair of scalars. dtype
+      `promote_types(log_predictions.dtype, float32)`.
 
     Example:
       >>> import jax.numpy as jnp, lossjax
@@ -745,7 +833,7 @@ def nll_loss(
         entry = label_weight * entry
     entry = jnp.where(in_range, entry, jnp.nan)
     return _reduce_class_weighted(entry, label_weight, kept=kept, weights=weights,
-                                  reduction=reduction)
+                                  reduction=reduction, axis_name=axis_name)
 
 
 # --- margin losses --------------------------------------------------------------------
@@ -760,6 +848,7 @@ def hinge_loss(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
+    axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Binary hinge loss max(0, margin - t * s) for targets in {-1, +1}.
 
@@ -775,15 +864,18 @@ def hinge_loss(
     Args:
       scores: float, any shape `[...]`.
       targets: float in {-1, +1}, the same shape as `scores`.
-      margin: m, the margin.
+      margin: m >= 0, the margin; may be a traced scalar.
       squared: square the hinge (smooth, as Keras's `squared_hinge`).
       where: bool, broadcastable to `scores.shape`; False entries count for nothing.
       weights: float, broadcastable to `scores.shape`; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (see `reduce_loss`).
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is sharded;
+        "sum"/"mean" are then over the global batch, exact values and gradients
+        under shard_map and pmap; "none" stays local (the README's contract).
 
     Returns:
-      "none": `scores.shape`; "sum", "mean": a scalar. dtype
-      `promote_types(scores.dtype, float32)`.
+      "none": `scores.shape`; "sum", "mean": a scalar; "sum_and_weight": a pair of
+      scalars. dtype `promote_types(scores.dtype, float32)`.
 
     Example:
       >>> import jax.numpy as jnp, lossjax
@@ -794,16 +886,20 @@ def hinge_loss(
     See also: `squared_hinge_loss`, `multiclass_hinge_loss`, `soft_margin_loss`.
     """
     return _hinge("hinge_loss", scores, targets, margin=margin, squared=squared,
-                  where=where, weights=weights, reduction=reduction)
+                  where=where, weights=weights, reduction=reduction,
+                  axis_name=axis_name)
 
 
-def _hinge(loss, scores, targets, *, margin, squared, where, weights, reduction):
+def _hinge(loss, scores, targets, *, margin, squared, where, weights, reduction,
+           axis_name):
+    _checks.check_range("margin", margin, low=0)
     s, t, kept = _elementwise_setup(loss, scores, targets, where, name="scores",
                                     target_rule="sign")
-    entry = jax.nn.relu(margin - t * s)
+    entry = jax.nn.relu(_hyper(margin, s.dtype) - t * s)
     if squared:
         entry = entry**2
-    return reduce_loss(entry, kept=kept, weights=weights, reduction=reduction)
+    return reduce_loss(entry, kept=kept, weights=weights, reduction=reduction,
+                       axis_name=axis_name)
 
 
 def squared_hinge_loss(
@@ -814,6 +910,7 @@ def squared_hinge_loss(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
+    axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Squared binary hinge loss max(0, margin - t * s)^2 for targets in {-1, +1}.
 
@@ -828,14 +925,17 @@ def squared_hinge_loss(
     Args:
       scores: float, any shape `[...]`.
       targets: float in {-1, +1}, the same shape as `scores`.
-      margin: m, the margin.
+      margin: m >= 0, the margin; may be a traced scalar.
       where: bool, broadcastable to `scores.shape`; False entries count for nothing.
       weights: float, broadcastable to `scores.shape`; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (see `reduce_loss`).
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is sharded;
+        "sum"/"mean" are then over the global batch, exact values and gradients
+        under shard_map and pmap; "none" stays local (the README's contract).
 
     Returns:
-      "none": `scores.shape`; "sum", "mean": a scalar. dtype
-      `promote_types(scores.dtype, float32)`.
+      "none": `scores.shape`; "sum", "mean": a scalar; "sum_and_weight": a pair of
+      scalars. dtype `promote_types(scores.dtype, float32)`.
 
     Example:
       >>> import jax.numpy as jnp, lossjax
@@ -847,7 +947,8 @@ def squared_hinge_loss(
     See also: `hinge_loss`.
     """
     return _hinge("squared_hinge_loss", scores, targets, margin=margin, squared=True,
-                  where=where, weights=weights, reduction=reduction)
+                  where=where, weights=weights, reduction=reduction,
+                  axis_name=axis_name)
 
 
 def soft_margin_loss(
@@ -857,6 +958,7 @@ def soft_margin_loss(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
+    axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Logistic (soft-margin) loss log(1 + exp(-t * s)) for targets in {-1, +1}.
 
@@ -872,11 +974,14 @@ def soft_margin_loss(
       targets: float in {-1, +1}, the same shape as `scores`.
       where: bool, broadcastable to `scores.shape`; False entries count for nothing.
       weights: float, broadcastable to `scores.shape`; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (see `reduce_loss`).
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is sharded;
+        "sum"/"mean" are then over the global batch, exact values and gradients
+        under shard_map and pmap; "none" stays local (the README's contract).
 
     Returns:
-      "none": `scores.shape`; "sum", "mean": a scalar. dtype
-      `promote_types(scores.dtype, float32)`.
+      "none": `scores.shape`; "sum", "mean": a scalar; "sum_and_weight": a pair of
+      scalars. dtype `promote_types(scores.dtype, float32)`.
 
     Example:
       >>> import jax.numpy as jnp, lossjax
@@ -891,7 +996,8 @@ def soft_margin_loss(
                                     name="scores", target_rule="sign")
     # softplus, not log1p(exp(.)): finite for any finite score.
     entry = jax.nn.softplus(-t * s)
-    return reduce_loss(entry, kept=kept, weights=weights, reduction=reduction)
+    return reduce_loss(entry, kept=kept, weights=weights, reduction=reduction,
+                       axis_name=axis_name)
 
 
 def multiclass_hinge_loss(
@@ -906,6 +1012,7 @@ def multiclass_hinge_loss(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
+    axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Multi-class hinge loss (Weston-Watkins), torch's `multi_margin_loss`.
 
@@ -924,7 +1031,7 @@ def multiclass_hinge_loss(
     Args:
       scores: float, `[..., num_classes, ...]` with the classes on `axis`.
       labels: integer class ids, `scores.shape` without `axis`.
-      margin: m, the margin.
+      margin: m >= 0, the margin; may be a traced scalar.
       p: 1 or 2, the power of each hinge (torch allows only these).
       axis: the class axis of `scores`.
       class_weights: float `[num_classes]`; the entry is scaled by
@@ -932,11 +1039,15 @@ def multiclass_hinge_loss(
       ignore_index: labels equal to it are excluded (as `where=False`).
       where: bool, broadcastable to the loss shape; False entries count for nothing.
       weights: float, broadcastable to the loss shape; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (see `reduce_loss`).
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is sharded;
+        "sum"/"mean" are then over the global batch, exact values and gradients
+        under shard_map and pmap; "none" stays local (the README's contract).
 
     Returns:
-      "none": the loss shape (`scores.shape` without `axis`); "sum", "mean": a scalar.
-      dtype `promote_types(scores.dtype, float32)`.
+      "none": the loss shape (`scores.shape` without `axis`); "sum", "mean": a scalar;
+      "sum_and_weight": a pair of scalars. dtype `promote_types(scores.dtype,
+      float32)`.
 
     Example:
       >>> import jax.numpy as jnp, lossjax
@@ -950,14 +1061,15 @@ def multiclass_hinge_loss(
 
     See also: `hinge_loss`, `cross_entropy`.
     """
-    if p not in (1, 2):
+    if isinstance(p, bool) or p not in (1, 2):
         raise ValueError(f"p must be 1 or 2, got {p!r}.")
+    _checks.check_range("margin", margin, low=0)
     s, safe_labels, in_range, kept, class_weights = _integer_label_setup(
         "multiclass_hinge_loss", scores, labels, axis, class_weights, ignore_index,
         where, name="scores")
     num_classes = s.shape[-1]
     others = jnp.arange(num_classes) != safe_labels[..., None]
-    hinge = jax.nn.relu(margin - _take_label(s, safe_labels)[..., None] + s)
+    hinge = jax.nn.relu(_hyper(margin, s.dtype) - _take_label(s, safe_labels)[..., None] + s)
     if p == 2:
         hinge = hinge**2
     entry = jnp.sum(jnp.where(others, hinge, 0), axis=-1) / num_classes
@@ -965,4 +1077,5 @@ def multiclass_hinge_loss(
     if label_weight is not None:
         entry = label_weight * entry
     entry = jnp.where(in_range, entry, jnp.nan)
-    return reduce_loss(entry, kept=kept, weights=weights, reduction=reduction)
+    return reduce_loss(entry, kept=kept, weights=weights, reduction=reduction,
+                       axis_name=axis_name)
