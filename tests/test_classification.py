@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from absl.testing import parameterized
 from jax.test_util import check_grads
+from loss_cases import MatrixCase
 
 import lossjax
 from lossjax import classification as C
@@ -863,3 +864,79 @@ class TestMaskedLogsumexp:
             np.testing.assert_array_equal(g[~kept], 0.0)
             np.testing.assert_allclose(g[kept], jax.grad(plain)(jnp.asarray(x[kept])),
                                        rtol=1e-5, atol=1e-8)
+
+
+# --- the cross-device matrix (tests/test_matrix.py) ------------------------------------
+
+MK = 4  # classes in the matrix cases: small, so that the matrix stays fast
+
+
+def _matrix_logits(rng, batch):
+    return rng.normal(0.0, 2.0, (batch, MK)).astype(np.float32)
+
+
+def _matrix_labels(rng, batch):
+    labels = rng.integers(0, MK, batch).astype(np.int32)
+    labels[rng.random(batch) < 0.2] = -100  # ignore_index: devices keep different counts
+    return labels
+
+
+def _matrix_int(rng, batch):
+    return _matrix_logits(rng, batch), _matrix_labels(rng, batch)
+
+
+def _matrix_logp(rng, batch):
+    return (ref.log_softmax(_matrix_logits(rng, batch)).astype(np.float32),
+            _matrix_labels(rng, batch))
+
+
+def _matrix_soft(rng, batch):
+    targets = rng.dirichlet(np.ones(MK), batch).astype(np.float32)
+    return _matrix_logits(rng, batch), targets
+
+
+def _matrix_unit(rng, batch):
+    # Soft targets only: the matrix differentiates w.r.t. the targets too.
+    return _matrix_logits(rng, batch), rng.uniform(0.05, 0.95, (batch, MK)).astype(
+        np.float32)
+
+
+def _matrix_sign(rng, batch):
+    return (_matrix_logits(rng, batch),
+            rng.choice([-1.0, 1.0], (batch, MK)).astype(np.float32))
+
+
+def _matrix_class_weights(rng):
+    return {"class_weights": rng.uniform(0.5, 2.0, MK).astype(np.float32)}
+
+
+def _matrix_pos_weight(rng):
+    return {"pos_weight": rng.uniform(0.5, 3.0, MK).astype(np.float32)}
+
+
+_CE_HYPER = {"label_smoothing": 0.1, "z_loss": 1e-3}
+
+MATRIX_CASES = [
+    MatrixCase("cross_entropy", _matrix_int,
+               kwargs={**_CE_HYPER, "logit_softcap": 5.0},
+               replicated_kwargs=_matrix_class_weights,
+               traced={**_CE_HYPER, "logit_softcap": 5.0}, id="int"),
+    MatrixCase("cross_entropy", _matrix_soft, kwargs=_CE_HYPER,
+               replicated_kwargs=_matrix_class_weights, traced=_CE_HYPER, id="soft"),
+    MatrixCase("binary_cross_entropy", _matrix_unit, kwargs={"label_smoothing": 0.1},
+               replicated_kwargs=_matrix_pos_weight, traced={"label_smoothing": 0.1}),
+    MatrixCase("sigmoid_focal_loss", _matrix_unit, kwargs={"alpha": 0.25, "gamma": 2.0},
+               traced={"alpha": 0.25, "gamma": 2.0}),
+    MatrixCase("focal_loss", _matrix_int, kwargs={"gamma": 1.5},
+               replicated_kwargs=_matrix_class_weights, traced={"gamma": 1.5}),
+    MatrixCase("poly1_cross_entropy", _matrix_int, kwargs={"epsilon": 0.5},
+               replicated_kwargs=_matrix_class_weights, traced={"epsilon": 0.5}),
+    MatrixCase("nll_loss", _matrix_logp, replicated_kwargs=_matrix_class_weights),
+    MatrixCase("hinge_loss", _matrix_sign, kwargs={"margin": 0.8},
+               traced={"margin": 0.8}),
+    MatrixCase("squared_hinge_loss", _matrix_sign, kwargs={"margin": 1.2},
+               traced={"margin": 1.2}),
+    MatrixCase("soft_margin_loss", _matrix_sign),
+    MatrixCase("multiclass_hinge_loss", _matrix_int, kwargs={"margin": 0.9, "p": 2},
+               replicated_kwargs=_matrix_class_weights, traced={"margin": 0.9}),
+]
