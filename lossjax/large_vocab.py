@@ -596,7 +596,8 @@ def linear_cross_entropy(
     h2, kernel_, bias_, cw_, softcap = _vary_like(kernel_inputs, kernel_inputs)
     u = cw_ if need_sum else None
 
-    def loss_of_stats(lse, label_logit, total):
+    def loss_of_stats(lse, label_logit, total, reduction=reduction,
+                      axis_name=axis_name):
         """The reduced loss, and the lse in the loss shape, from per-token stats."""
         label_weight = wbar = None
         if class_weights is not None:
@@ -654,21 +655,25 @@ def linear_cross_entropy(
         zeros, ones = _vary_like(
             (jnp.zeros((tokens,), dtype), jnp.ones((tokens,), dtype)), h2)
 
+        # The coefficients are those of this device's own sum and kept weight, never
+        # of the global mean: a global normalizer inside per-token coefficients would
+        # need every device's cotangent back, which pmap's psum cannot give exactly.
+        def local_sum_and_weight(lse, label_logit, total):
+            return loss_of_stats(lse, label_logit, total, reduction="sum_and_weight",
+                                 axis_name=None)[0]
+
         def numerator(lse, label_logit, total):
-            loss = loss_of_stats(lse, label_logit, total)[0]
-            return loss[0] if reduction == "sum_and_weight" else loss
+            return local_sum_and_weight(lse, label_logit, total)[0]
 
         a, b, c = jax.grad(numerator, argnums=(0, 1, 2))(zeros, zeros, zeros)
         zc = (jax.grad(numerator)(ones, zeros, zeros) - a) / 2
-        # The coefficients carry the global batch's normalizer; the kernel's sum over
-        # the local tokens is summed over the batch axis like the loss itself.
-        fused = global_sum(_fused_loss(
+        local_sum, local_weight = local_sum_and_weight(zeros, zeros, zeros)
+        local_sum = local_sum + _fused_loss(
             h2, kernel_, bias_, u, local_labels, a, b, c, zc, softcap,
-            _token_block(tokens, local_vocab), block, need_sum), axis_name)
-        at_zero = loss_of_stats(zeros, zeros, zeros)[0]
-        if reduction == "sum_and_weight":
-            return at_zero[0] + fused, at_zero[1]
-        return at_zero + fused
+            _token_block(tokens, local_vocab), block, need_sum)
+        # The batch reduction of the two local sums: the one helper, over the axis.
+        return reduce_loss(local_sum, normalizer=local_weight, reduction=reduction,
+                           axis_name=axis_name)
 
     # Per-token losses, the lse output or vocab shards: per-token statistics with
     # per-token cotangents (`_fused_stats`).

@@ -20,6 +20,7 @@ from jax import lax
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
+from loss_cases import MatrixCase
 
 import lossjax
 from lossjax.large_vocab import linear_cross_entropy
@@ -577,3 +578,359 @@ def test_checked_mode_catches_bad_values():
 def test_registered():
     assert lossjax.get("linear_cross_entropy") is linear_cross_entropy
     assert lossjax.family_of("linear_cross_entropy") == "large_vocab"
+
+
+# --- across devices: batch axis, vocab axis, both ----------------------------------
+
+DEV_D, DEV_V = 16, 96  # 12 vocab columns per shard of 8, 24 of 4; block 8: partial
+
+
+def _device_inputs(rng, tokens, *, shards, masked_shard):
+    """Inputs with different data, masks and weights per token shard, one shard's
+    tokens all masked (and one ignored label), float32 NumPy class weights."""
+    h, w, b, y = _inputs(rng, shape=(tokens,), d=DEV_D, vocab=DEV_V)
+    where = rng.random(tokens) > 0.25
+    per = tokens // shards
+    where[masked_shard * per:(masked_shard + 1) * per] = False
+    weights = jnp.asarray(rng.uniform(0.0, 2.0, tokens), jnp.float32)
+    cw = rng.uniform(0.5, 2.0, DEV_V).astype(np.float32)  # NumPy on purpose
+    return h, w, b, y, jnp.asarray(where), weights, cw
+
+
+def _reference(h, w, b, y, where, weights, cw, reduction, **opts):
+    """float64 (value, kept weight) of the global batch."""
+    loss, norm = ref.linear_cross_entropy_options(h, w, y, bias=b, class_weights=cw,
+                                                  **opts)
+    kept = np.asarray(where) & (np.asarray(y) != -100)
+    total = ref.reduce(loss, kept=kept, weights=weights, reduction="sum")
+    count = np.sum(np.where(kept, np.asarray(weights) * norm, 0))
+    if reduction == "none":
+        return ref.reduce(loss, kept=kept, weights=weights, reduction="none")
+    return {"sum": total, "mean": total / count, "sum_and_weight": (total, count)}[
+        reduction]
+
+
+DEV_OPTS = dict(label_smoothing=0.1, z_loss=1e-3, logit_softcap=4.0, block_size=8)
+
+
+@pytest.mark.parametrize("with_axis_name", [False, True])
+def test_shard_map_tokens_sharded_matches_single_device(with_axis_name):
+    # ISSUE 11: with the tokens sharded over "data" and no vocab axis, the per-token
+    # coefficients were taken at device-invariant zeros (summed over the mesh: the
+    # psummed "sum" came out 8 times the single-device one) and the gradient did not
+    # trace. Replicated kernel, bias and class weights; the gradient of a replicated
+    # kernel is summed by shard_map itself.
+    rng = np.random.default_rng(3)
+    h, w, b, y, where, weights, cw = _device_inputs(rng, 64, shards=8, masked_shard=2)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    axis = "data" if with_axis_name else None
+
+    def sharded(reduction):
+        def local(h, w, b, y, where, weights):
+            out = linear_cross_entropy(h, w, y, bias=b, class_weights=cw, where=where,
+                                       weights=weights, reduction=reduction,
+                                       axis_name=axis, **DEV_OPTS)
+            if axis is None and reduction != "none":  # local sums: reduce by hand
+                out = lax.psum(out, "data")
+            return out
+
+        tokens = P("data")
+        out = P("data") if reduction == "none" else P()
+        return jax.shard_map(local, mesh=mesh, in_specs=(tokens, P(), P(), tokens,
+                                                         tokens, tokens),
+                             out_specs=out)
+
+    def single(reduction):
+        return lambda h, w, b: linear_cross_entropy(
+            h, w, y, bias=b, class_weights=cw, where=where, weights=weights,
+            reduction=reduction, **DEV_OPTS)
+
+    reductions = ["none", "sum", "sum_and_weight"] + (["mean"] if axis else [])
+    for reduction in reductions:
+        got = jax.jit(sharded(reduction))(h, w, b, y, where, weights)
+        want = _reference(h, w, b, y, where, weights, cw, reduction, **{
+            k: v for k, v in DEV_OPTS.items() if k != "block_size"})
+        if reduction == "sum_and_weight":
+            for g_, w_ in zip(got, want):
+                np.testing.assert_allclose(g_, w_, rtol=1e-5)
+            got = got[0] / got[1]
+            want = want[0] / want[1]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # Gradients of the global loss w.r.t. hidden, kernel and bias vs one device.
+    reduction = "mean" if axis else "sum"
+    g_sharded = jax.jit(jax.grad(
+        lambda h, w, b: sharded(reduction)(h, w, b, y, where, weights),
+        argnums=(0, 1, 2)))(h, w, b)
+    g_single = jax.grad(single(reduction), argnums=(0, 1, 2))(h, w, b)
+    for name, a, c in zip(("hidden", "kernel", "bias"), g_sharded, g_single):
+        assert _rel(a, c) < 1e-5, (name, _rel(a, c))
+    masked = np.asarray(~where)
+    assert not np.any(np.asarray(g_sharded[0])[masked])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_two_d_mesh_batch_and_vocab_axes_at_once(reduction):
+    # Tokens over "data" (axis_name), the kernel, bias and class weights over "model"
+    # (vocab_axis_name) on a 2 x 4 mesh; a traced, replicated logit_softcap too.
+    rng = np.random.default_rng(4)
+    h, w, b, y, where, weights, cw = _device_inputs(rng, 32, shards=2, masked_shard=1)
+    y = y.at[7].set(DEV_V - 1).at[9].set(0)  # labels in the first and last shards
+    mesh = jax.make_mesh((2, 4), ("data", "model"),
+                         axis_types=(AxisType.Auto, AxisType.Auto))
+    opts = dict(label_smoothing=0.1, z_loss=1e-3, block_size=8)
+    cw = jnp.asarray(cw)
+
+    def local(h, w, b, cw, cap, y, where, weights):
+        return linear_cross_entropy(
+            h, w, y, bias=b, class_weights=cw, logit_softcap=cap, where=where,
+            weights=weights, reduction=reduction, axis_name="data",
+            vocab_axis_name="model", **opts)
+
+    def sharded(h, w, b, cw, cap):
+        tokens, vocab = P("data"), P("model")
+        return jax.shard_map(local, mesh=mesh, in_specs=(
+            tokens, P(None, "model"), vocab, vocab, P(), tokens, tokens, tokens),
+            out_specs=P())(h, w, b, cw, cap, y, where, weights)
+
+    def single(h, w, b, cw, cap):
+        return linear_cross_entropy(h, w, y, bias=b, class_weights=cw,
+                                    logit_softcap=cap, where=where, weights=weights,
+                                    reduction=reduction, **opts)
+
+    cap = jnp.float32(4.0)
+    args = (h, w, b, cw, cap)
+    v2, g2 = jax.jit(jax.value_and_grad(sharded, argnums=range(5)))(*args)
+    v1, g1 = jax.value_and_grad(single, argnums=range(5))(*args)
+    want = _reference(h, w, b, y, where, weights, cw, reduction, logit_softcap=4.0,
+                      label_smoothing=0.1, z_loss=1e-3)
+    np.testing.assert_allclose(v2, want, rtol=1e-5)
+    np.testing.assert_allclose(v1, want, rtol=1e-5)
+    for name, a, c in zip(("hidden", "kernel", "bias", "class_weights", "softcap"),
+                          g2, g1):
+        assert _rel(a, c) < 1e-5, (name, _rel(a, c))
+    # "none" stays local: each device's tokens, in the loss shape.
+    none = jax.jit(jax.shard_map(
+        lambda h, w, b, cw, y, where, weights: linear_cross_entropy(
+            h, w, y, bias=b, class_weights=cw, logit_softcap=4.0, where=where,
+            weights=weights, reduction="none", axis_name="data",
+            vocab_axis_name="model", **opts),
+        mesh=mesh, in_specs=(P("data"), P(None, "model"), P("model"), P("model"),
+                             P("data"), P("data"), P("data")),
+        out_specs=P("data")))(h, w, b, cw, y, where, weights)
+    _assert_close(none, _reference(h, w, b, y, where, weights, cw, "none",
+                                   logit_softcap=4.0, label_smoothing=0.1,
+                                   z_loss=1e-3), rtol=1e-5)
+
+
+def test_pmap_token_parallel_values_and_gradients():
+    # axis_name under pmap: the global mean on every device; each device's hidden
+    # gradient is its slice of the global one, and its kernel gradient its share
+    # (psum of the shares = the global kernel gradient).
+    n = 8
+    rng = np.random.default_rng(5)
+    h, w, b, y, where, weights, cw = _device_inputs(rng, 64, shards=n, masked_shard=5)
+    split = lambda x: x.reshape((n, -1) + x.shape[1:])  # noqa: E731
+
+    def loss(h, w, b, y, where, weights, axis_name=None, reduction="mean"):
+        return linear_cross_entropy(h, w, y, bias=b, class_weights=cw, where=where,
+                                    weights=weights, reduction=reduction,
+                                    axis_name=axis_name, **DEV_OPTS)
+
+    def per_device(h, w, b, y, where, weights):
+        value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(
+            h, w, b, y, where, weights, axis_name="d")
+        pair = loss(h, w, b, y, where, weights, axis_name="d",
+                    reduction="sum_and_weight")
+        return value, grads[0], lax.psum(grads[1:], "d"), pair
+
+    value, dh, (dw, db), pair = jax.pmap(
+        per_device, axis_name="d", in_axes=(0, None, None, 0, 0, 0))(
+        split(h), w, b, split(y), split(where), split(weights))
+    want_value, want_grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(
+        h, w, b, y, where, weights)
+    ref_total, ref_count = _reference(h, w, b, y, where, weights, cw,
+                                      "sum_and_weight", label_smoothing=0.1,
+                                      z_loss=1e-3, logit_softcap=4.0)
+    np.testing.assert_allclose(value, np.full(n, ref_total / ref_count), rtol=1e-5)
+    np.testing.assert_allclose(pair[0], np.full(n, ref_total), rtol=1e-5)
+    np.testing.assert_allclose(pair[1], np.full(n, ref_count), rtol=1e-6)
+    assert _rel(dh.reshape(h.shape), want_grads[0]) < 1e-5
+    for d in range(n):
+        assert _rel(dw[d], want_grads[1]) < 1e-5 and _rel(db[d], want_grads[2]) < 1e-5
+
+
+def test_pmap_vocab_parallel_values_and_gradients():
+    # ISSUE 11: the vocab-parallel path under pmap had the right value but 8 times the
+    # kernel gradient (the transposes of its psums). Each device's kernel and bias
+    # gradients are its slice of the single-device ones; the hidden states, which
+    # every device holds, get one share per device (psum = the global gradient).
+    n = 8
+    rng = np.random.default_rng(6)
+    h, w, b, y, where, weights, cw = _device_inputs(rng, 24, shards=2, masked_shard=0)
+    opts = dict(label_smoothing=0.1, z_loss=1e-3, logit_softcap=4.0, block_size=8)
+    shard = lambda x: jnp.stack(jnp.split(jnp.asarray(x), n, axis=-1))  # noqa: E731
+
+    def loss(h, w, b, cw, vocab_axis_name=None):
+        return linear_cross_entropy(h, w, y, bias=b, class_weights=cw, where=where,
+                                    weights=weights, vocab_axis_name=vocab_axis_name,
+                                    **opts)
+
+    def per_device(h, w, b, cw):
+        value, (dh, dw, db, dcw) = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(
+            h, w, b, cw, vocab_axis_name="d")
+        return value, lax.psum(dh, "d"), dw, db, dcw
+
+    value, dh, dw, db, dcw = jax.pmap(per_device, axis_name="d",
+                                      in_axes=(None, 0, 0, 0))(
+        h, shard(w), shard(b), shard(cw))
+    want_value, want = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(h, w, b, cw)
+    np.testing.assert_allclose(value, np.full(n, _reference(
+        h, w, b, y, where, weights, cw, "mean", label_smoothing=0.1, z_loss=1e-3,
+        logit_softcap=4.0)), rtol=1e-5)
+    for d in range(n):
+        assert _rel(dh[d], want[0]) < 1e-5
+    assert _rel(jnp.concatenate(list(dw), axis=1), want[1]) < 1e-5
+    assert _rel(jnp.concatenate(list(db)), want[2]) < 1e-5
+    assert _rel(jnp.concatenate(list(dcw)), want[3]) < 1e-5
+
+
+def test_numpy_class_weights_everywhere():
+    # ISSUE 11: return_lse with NumPy class weights under jit raised
+    # TracerArrayConversionError; every path takes them now (token-sharded
+    # shard_map with NumPy class weights: the tests above).
+    rng = np.random.default_rng(7)
+    h, w, b, y, where, weights, cw = _device_inputs(rng, 16, shards=2, masked_shard=0)
+    base = dict(bias=b, where=where, label_smoothing=0.1, block_size=8)
+    want_none = _reference(h, w, b, y, where, np.ones(16), cw, "none",
+                           label_smoothing=0.1)
+    want_mean = _reference(h, w, b, y, where, np.ones(16), cw, "mean",
+                           label_smoothing=0.1)
+    for kw in (dict(reduction="none"), dict(reduction="mean"),
+               dict(reduction="mean", return_lse=True)):
+        out = jax.jit(lambda h, w: linear_cross_entropy(
+            h, w, y, class_weights=cw, **base, **kw))(h, w)
+        got = out[0] if kw.get("return_lse") else out
+        want = want_none if kw["reduction"] == "none" else want_mean
+        _assert_close(got, want, rtol=1e-5)
+
+
+# --- hyperparameters ---------------------------------------------------------------
+
+
+def test_hyperparameters_out_of_range_raise_naming_the_range():
+    rng = np.random.default_rng(0)
+    h, w, _, y = _inputs(rng, shape=(4,))
+    for kw, msg in ((dict(label_smoothing=-0.1), r"label_smoothing must be in \[0, 1\]"),
+                    (dict(label_smoothing=1.5), r"label_smoothing must be in \[0, 1\]"),
+                    (dict(z_loss=-1e-3), "z_loss must be >= 0"),
+                    (dict(logit_softcap=0.0), "logit_softcap must be > 0"),
+                    (dict(logit_softcap=-3.0), "logit_softcap must be > 0")):
+        with pytest.raises(ValueError, match=msg):
+            linear_cross_entropy(h, w, y, **kw)
+
+
+HYPER = dict(label_smoothing=0.2, z_loss=0.05, logit_softcap=3.0)
+# "mean": the token-block kernel; "none" (summed against a cotangent): vocab blocks.
+HYPER_PATHS = ("mean", "none")
+
+
+@pytest.mark.parametrize("path", HYPER_PATHS)
+def test_traced_hyperparameters_under_jit_equal_python_numbers(path):
+    rng = np.random.default_rng(8)
+    h, w, b, y = _inputs(rng, shape=(12,), d=8, vocab=40)
+    cw = rng.uniform(0.5, 2.0, 40).astype(np.float32)
+    kw = dict(bias=b, class_weights=cw, block_size=16, reduction=path)
+    want = linear_cross_entropy(h, w, y, **kw, **HYPER)
+    for name in HYPER:
+        traced = jax.jit(lambda v, name=name: linear_cross_entropy(
+            h, w, y, **kw, **{**HYPER, name: v}))(jnp.float32(HYPER[name]))
+        _assert_close(traced, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("path", HYPER_PATHS)
+def test_hyperparameter_gradients_match_float64_finite_differences(path):
+    rng = np.random.default_rng(9)
+    with jax.enable_x64(True):
+        h, w, b, y = _inputs(rng, shape=(12,), d=8, vocab=40, dtype=np.float64)
+        y = y.at[3].set(7)
+        cw = rng.uniform(0.5, 2.0, 40)
+        weights = rng.uniform(0.5, 2.0, 12)
+        cot = rng.normal(size=12)
+
+        def fused(name, v):
+            out = linear_cross_entropy(h, w, y, bias=b, class_weights=cw,
+                                       weights=weights, block_size=16, reduction=path,
+                                       **{**HYPER, name: v})
+            return out if path == "mean" else jnp.sum(out * cot)
+
+        def reference(name, v):
+            loss, norm = ref.linear_cross_entropy_options(
+                h, w, y, bias=b, class_weights=cw, **{**HYPER, name: v})
+            if path == "mean":
+                return np.sum(weights * loss) / np.sum(weights * norm)
+            return np.sum(weights * loss * cot)
+
+        for name, v in HYPER.items():
+            grad = jax.jit(jax.grad(lambda v, name=name: fused(name, v)))(
+                jnp.float64(v))
+            eps = 1e-6
+            fd = (reference(name, v + eps) - reference(name, v - eps)) / (2 * eps)
+            assert np.isfinite(grad)
+            np.testing.assert_allclose(grad, fd, rtol=1e-6, err_msg=name)
+
+
+def test_sum_and_weight_matches_reference():
+    rng = np.random.default_rng(10)
+    h, w, b, y, where, weights, cw = _device_inputs(rng, 16, shards=2, masked_shard=0)
+    opts = dict(label_smoothing=0.1, z_loss=1e-3, logit_softcap=4.0)
+    want = _reference(h, w, b, y, where, weights, cw, "sum_and_weight", **opts)
+    for return_lse in (False, True):  # token blocks / vocab blocks
+        out = linear_cross_entropy(h, w, y, bias=b, class_weights=cw, where=where,
+                                   weights=weights, reduction="sum_and_weight",
+                                   return_lse=return_lse, block_size=8, **opts)
+        total, count = out[0] if return_lse else out
+        np.testing.assert_allclose(total, want[0], rtol=1e-5)
+        np.testing.assert_allclose(count, want[1], rtol=1e-6)
+
+
+def test_checked_mode_with_documented_keywords():
+    rng = np.random.default_rng(11)
+    h, w, b, y, where, weights, cw = _device_inputs(rng, 16, shards=2, masked_shard=0)
+    fn = lossjax.checked(linear_cross_entropy)
+    kw = dict(bias=b, class_weights=cw, where=where, weights=weights, block_size=8,
+              label_smoothing=0.1, z_loss=1e-3, logit_softcap=4.0, ignore_index=-100)
+    for reduction in ("none", "mean", "sum_and_weight"):
+        got = fn(h, w, y, reduction=reduction, **kw)
+        want = _reference(h, w, b, y, where, weights, cw, reduction,
+                          label_smoothing=0.1, z_loss=1e-3, logit_softcap=4.0)
+        for g, c in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            _assert_close(g, c, rtol=1e-5)
+    loss, lse = fn(h, w, y, return_lse=True, **kw)
+    assert np.isfinite(loss) and lse.shape == (16,)
+    kept = np.flatnonzero(np.asarray(where) & (np.asarray(y) != -100))
+    with pytest.raises(AssertionError, match="labels must lie in"):
+        fn(h, w, y.at[kept[0]].set(DEV_V), **kw)
+
+
+# --- the cross-device matrix (tests/test_matrix.py) --------------------------------
+
+
+def _matrix_data(rng, batch):
+    return (rng.normal(size=(batch, 8)).astype(np.float32),
+            rng.normal(0.0, 0.5, (8, 40)).astype(np.float32),
+            rng.integers(0, 40, batch).astype(np.int32))
+
+
+def _matrix_head(rng):
+    return dict(bias=rng.normal(size=40).astype(np.float32),
+                class_weights=rng.uniform(0.5, 2.0, 40).astype(np.float32))
+
+
+MATRIX_CASES = [
+    # block_size 16: two full vocab blocks and a partial one.
+    MatrixCase("linear_cross_entropy", _matrix_data, kwargs=dict(block_size=16),
+               replicated=(1,), id="plain"),
+    MatrixCase("linear_cross_entropy", _matrix_data,
+               kwargs=dict(block_size=16, **HYPER), replicated_kwargs=_matrix_head,
+               replicated=(1,), traced=HYPER, id="options"),
+]
