@@ -89,7 +89,12 @@ def synthesize(text: str, voice: str, *, speed: int, pitch: int) -> np.ndarray:
     out = subprocess.run(
         [espeak_binary(), "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout",
          text], capture_output=True, check=True)
-    with wave.open(io.BytesIO(out.stdout)) as w:
+    return wav_to_audio(out.stdout)
+
+
+def wav_to_audio(wav: bytes) -> np.ndarray:
+    """float32 waveform at SAMPLE_RATE of 16-bit mono WAV bytes (espeak-ng's output)."""
+    with wave.open(io.BytesIO(wav)) as w:
         rate = w.getframerate()
         audio = np.frombuffer(w.readframes(w.getnframes()), np.int16)
     audio = audio.astype(np.float32) / 32768.0
