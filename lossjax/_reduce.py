@@ -94,6 +94,12 @@ def global_sum(x: jax.Array, axis_name: AxisName) -> jax.Array:
     `shard_map(check_vma=False)`) it does not, and transposes a `psum` into another
     `psum`: the gradient would come out N times too large on N devices. There the sum
     carries its own derivative rule, which passes the cotangent through unchanged.
+    That is exact when the sum's cotangent is the same on every device, as when it
+    feeds only the global loss (a numerator, a kept weight, a combined logsumexp that
+    every shard then uses alike); a global sum that feeds per-device values again (a
+    global normalizer inside per-token coefficients) needs every device's cotangent
+    back, which under pmap only a `psum` of cotangents gives: keep such sums local
+    and reduce once at the end, as `reduce_loss` does.
     """
     axes = _axes(axis_name)
     if not axes:
