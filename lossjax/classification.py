@@ -1069,7 +1069,8 @@ def multiclass_hinge_loss(
         where, name="scores")
     num_classes = s.shape[-1]
     others = jnp.arange(num_classes) != safe_labels[..., None]
-    hinge = jax.nn.relu(_hyper(margin, s.dtype) - _take_label(s, safe_labels)[..., None] + s)
+    margin = _hyper(margin, s.dtype)
+    hinge = jax.nn.relu(margin - _take_label(s, safe_labels)[..., None] + s)
     if p == 2:
         hinge = hinge**2
     entry = jnp.sum(jnp.where(others, hinge, 0), axis=-1) / num_classes
