@@ -1,4 +1,4 @@
-"""The "which loss?" study: every scenario x each of its losses x 3 seeds.
+"""The "which loss?" study: every scenario x each of its losses x 3 seeds x 3 rates.
 
     ./launch.sh        # = python -m experiments.study --config=configs/study.py \
                        #       --workdir=runs/study
@@ -9,8 +9,10 @@ steps: seconds, for the tests; all tasks but `lm` unless `tasks` names it),
 `tasks=digits+lm` (a subset, in this order), `seeds=3`.
 
 A scenario is one entry of `config.scenarios`: the config module that defines the task
-(with its own `LOSSES` table, `METRIC` and `MODE`), the loss labels to compare, and
-overrides for its config (nested as the config is).
+(with its own `LOSSES` table, `METRIC` and `MODE`), the loss labels to compare,
+overrides for its config (nested as the config is) and the peak learning rates each
+loss is swept over; each loss's rate is chosen on a validation split of
+`validation_fraction` of the training data.
 
 Language modelling (`lm`, `configs/lm.py`) compares `cross_entropy` on materialized
 logits, the fused `linear_cross_entropy`, and the fused loss with z-loss and with
@@ -43,21 +45,29 @@ CAVEATS = {
           "longer training.",
 }
 
-# name -> (config module, title, overrides of the full study); the order is the
-# report's order.
+# name -> (config module, title, overrides of the full study, peak learning rates
+# of the sweep: the task config's own rate and the rates a factor ~3 either side);
+# the order is the report's order. The language model keeps one rate: its runs
+# compare one function computed two ways plus two of its options.
 SCENARIOS = {
-    "digits": ("configs.digits", "Image classification (digits, CNN)", {}),
-    "text": ("configs.text", "Text classification (stdlib docstrings)", {}),
-    "regression": ("configs.regression", "Regression (diabetes, MLP)", {}),
-    "asr": ("configs.asr", "Speech recognition (espeak-ng words, conv + CTC)", {}),
+    "digits": ("configs.digits", "Image classification (digits, CNN)", {},
+               (1e-3, 3e-3, 1e-2)),
+    "text": ("configs.text", "Text classification (stdlib docstrings)", {},
+             (1e-2, 3e-2, 1e-1)),
+    "regression": ("configs.regression", "Regression (diabetes, MLP)", {},
+                   (3e-4, 1e-3, 3e-3)),
+    "asr": ("configs.asr", "Speech recognition (espeak-ng words, conv + CTC)", {},
+            (1e-3, 3e-3, 1e-2)),
     "lm": ("configs.lm", "Language modelling (stdlib source, transformer)",
-           LM_OVERRIDES),
+           LM_OVERRIDES, (3e-3,)),
 }
+# The share of each task's training data held out to choose the learning rate.
+VALIDATION_FRACTION = 0.2
 # Tasks of the smoke study (the tests): those that add only seconds.
 SMOKE_TASKS = ("digits", "text", "regression", "asr")
 
 
-def scenario(name: str, module: str, title: str, overrides: dict, *,
+def scenario(name: str, module: str, title: str, overrides: dict, rates: tuple, *,
              smoke: bool) -> mlc.ConfigDict:
     mod = importlib.import_module(module)
     losses = tuple(mod.LOSSES)
@@ -72,6 +82,8 @@ def scenario(name: str, module: str, title: str, overrides: dict, *,
         # holds no dots); smoke runs the task's own smoke variant for a few steps.
         "overrides": {"num_train_steps": 10} if smoke else overrides,
         "caveat": "" if smoke else CAVEATS.get(name, ""),
+        # Smoke: two rates, enough to exercise the choice.
+        "learning_rates": rates[1:] if smoke and len(rates) > 1 else rates,
     })
 
 
@@ -86,6 +98,7 @@ def get_config(arg=None):
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; valid: {', '.join(SCENARIOS)}.")
+    c.validation_fraction = VALIDATION_FRACTION
     c.order = tuple(names)  # ConfigDict iterates its keys sorted; the report does not
     c.scenarios = mlc.ConfigDict(
         {n: scenario(n, *SCENARIOS[n], smoke=smoke) for n in names})

@@ -1,10 +1,15 @@
-"""The "which loss?" study: trains each scenario with each of its losses over seeds.
+"""The "which loss?" study: each scenario with each of its losses, over seeds and
+learning rates.
 
     python -m experiments.study --config=configs/study.py --workdir=runs/study
 
-Writes into the workdir: one run directory per (task, loss, seed) (each a normal
-`train_and_evaluate` workdir, so an interrupted study resumes where it stopped),
-`results.json`, one learning-curve PNG per task and `report.md`; prints the tables.
+Each (task, loss) is one sweep (`experiments.sweep`): every (seed, learning rate)
+trained at once as one vmapped program, on the training data minus a validation
+split carved from it. The rate of each loss is chosen on the validation split (mean
+over seeds, `choose_rate`); the tables report the test metric at that rate.
+Writes into the workdir: `<task>/<loss>/sweep.json` per sweep (so an interrupted
+study resumes at the next sweep), `results.json` (the chosen rate's runs), one
+learning-curve PNG per task and `report.md`; prints the tables and the wall time.
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ import functools
 import importlib
 import json
 import logging
+import math
+import os
 import pathlib
 import platform
+import statistics
 import sys
 import time
 
@@ -23,18 +31,7 @@ import ml_collections as mlc
 
 import lossjax
 from experiments import data as data_lib
-from experiments import models, report, tasks, train
-
-
-def _read_curves(workdir: pathlib.Path, metric: str):
-    curve, train_curve = [], []
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
-        if metric in m:
-            curve.append([m["step"], m[metric]])
-        if "train/loss" in m:
-            train_curve.append([m["step"], m["train/loss"]])
-    return curve, train_curve
+from experiments import models, report, sweep, tasks
 
 
 def _task_config(scen: mlc.ConfigDict, label: str, seed: int, smoke: bool):
@@ -78,8 +75,45 @@ def _setup_lines(config: mlc.ConfigDict, cache_dir: pathlib.Path) -> list[str]:
     return lines
 
 
+def choose_rate(members: list[dict], metric: str, mode: str) -> float:
+    """The learning rate with the best mean validation `metric` over seeds (a rate
+    with a diverged seed is never chosen unless every rate diverged)."""
+    key = metric.replace("test/", "val/", 1)
+    rates = list(dict.fromkeys(m["learning_rate"] for m in members))
+    if len(rates) == 1:
+        return rates[0]
+    sign = 1 if mode == "min" else -1
+
+    def badness(rate):
+        values = [m["summary"].get(key, math.nan) for m in members
+                  if m["learning_rate"] == rate]
+        mean = statistics.fmean(values)
+        return (not math.isfinite(mean), sign * mean if math.isfinite(mean) else 0.0)
+
+    return min(rates, key=badness)
+
+
+def _sweep(config, scen, label, workdir: pathlib.Path) -> list[dict]:
+    """The sweep of one (task, loss), from its `sweep.json` if an earlier study
+    finished it."""
+    path = workdir / "sweep.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    _, cfg = _task_config(scen, label, 0, config.smoke)
+    rates = tuple(scen.learning_rates)
+    members = sweep.run(cfg, config.seeds, rates, cache_dir=workdir.parents[1] / "data",
+                        validation_fraction=(config.validation_fraction
+                                             if len(rates) > 1 else None))
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(members) + "\n")
+    return members
+
+
 def run_study(config: mlc.ConfigDict, workdir: str) -> str:
-    """Runs every scenario x loss x seed, then writes the report; returns the tables."""
+    """Sweeps every scenario x loss over seeds and rates, then writes the report;
+    returns the tables."""
+    start = time.perf_counter()
     workdir = pathlib.Path(workdir)
     is_main = jax.process_index() == 0
     if is_main:
@@ -89,12 +123,12 @@ def run_study(config: mlc.ConfigDict, workdir: str) -> str:
     for name in order:
         scen = config.scenarios[name]
         for label in scen.losses:
-            module, cfg = _task_config(scen, label, 0, config.smoke)
+            _, cfg = _task_config(scen, label, 0, config.smoke)
             if cfg.loss.name not in lossjax.LOSSES:
                 skipped.append(f"{name}/{label}: `lossjax.{cfg.loss.name}` is not "
                                "registered in this version of lossjax.")
                 continue
-            plan += [(name, scen, label, seed) for seed in config.seeds]
+            plan.append((name, scen, label))
         if any(p[0] == name for p in plan):
             _, cfg0 = _task_config(scen, scen.losses[0], 0, config.smoke)
             arg = f"loss=<label>{',smoke' if config.smoke else ''}"
@@ -102,49 +136,57 @@ def run_study(config: mlc.ConfigDict, workdir: str) -> str:
                            "mode": scen.mode, "setup": _setup_lines(cfg0, workdir / "data"),
                            "command": f"--config={scen.config.replace('.', '/')}"
                                       f".py:{arg}",
+                           "rates": tuple(scen.learning_rates),
                            "caveat": scen.get("caveat", "")}
-    records, failed = [], []
+    records, sweeps, failed = [], [], []
     bar = None
     if is_main:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(plan), desc="study", unit="run", dynamic_ncols=True)
-    start = time.perf_counter()
-    for name, scen, label, seed in plan:
-        _, cfg = _task_config(scen, label, seed, config.smoke)
+        bar = tqdm(total=len(plan), desc="study", unit="sweep", dynamic_ncols=True)
+    for name, scen, label in plan:
         if bar is not None:
-            bar.set_postfix_str(f"{name} / {label} / seed {seed}")
-        run_dir = workdir / name / label / f"seed{seed}"
-        try:
-            summary = train.train_and_evaluate(cfg, str(run_dir))
-        except FloatingPointError as e:
-            # A diverging loss is a result, not a crash: report it and go on.
-            failed.append(f"{name}/{label} seed {seed} diverged: {e}")
-            if bar is not None:
-                bar.update(1)
-            continue
-        curve, train_curve = _read_curves(run_dir, scen.metric) if is_main else ([], [])
-        records.append({
-            "task": name, "loss": label, "seed": seed, "metric": scen.metric,
-            "mode": scen.mode, "lossjax": cfg.loss.name,
-            "kwargs": cfg.loss.kwargs.to_dict(), "summary": summary,
-            "curve": curve, "train_curve": train_curve})
+            bar.set_postfix_str(f"{name} / {label}")
+        _, cfg = _task_config(scen, label, 0, config.smoke)
+        members = _sweep(config, scen, label, workdir / name / label)
+        rate = choose_rate(members, scen.metric, scen.mode)
+        common = {"task": name, "loss": label, "metric": scen.metric,
+                  "mode": scen.mode}
+        for m in members:
+            sweeps.append({**common, "seed": m["seed"], "learning_rate": m["learning_rate"],
+                           "diverged_at": m["diverged_at"], "summary": m["summary"]})
+            if m["learning_rate"] != rate:
+                continue
+            if m["diverged_at"] is not None:
+                # A diverging loss is a result, not a crash: report it and go on.
+                failed.append(f"{name}/{label} seed {m['seed']} at learning rate "
+                              f"{rate:g} diverged at step {m['diverged_at']}.")
+                continue
+            records.append({
+                **common, "seed": m["seed"], "learning_rate": rate,
+                "lossjax": cfg.loss.name, "kwargs": cfg.loss.kwargs.to_dict(),
+                "summary": m["summary"],
+                "curve": [[s, v[scen.metric]] for s, v in m["curve"]],
+                "train_curve": m["train_curve"]})
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     if not is_main:
         return ""
-    total = time.perf_counter() - start
     (workdir / "results.json").write_text(json.dumps(records, indent=1) + "\n")
+    total = time.perf_counter() - start
     environment = {
         "hardware": f"{jax.device_count()} x {jax.devices()[0].device_kind} "
-                    f"({jax.default_backend()}), {platform.machine()}",
+                    f"({jax.default_backend()}), {platform.machine()}, "
+                    f"{os.cpu_count()} CPU cores",
         "software": f"python {platform.python_version()}, jax {jax.__version__}, "
                     f"lossjax {getattr(lossjax, '__version__', 'dev')}",
-        "study wall time": f"{total:.0f} s for {len(records)} runs",
+        "study wall time": f"{total:.0f} s ({total / 60:.1f} min) for {len(sweeps)} "
+                           f"runs in {len(plan)} sweeps, measured by the study "
+                           "itself (sweeps an earlier study finished are read back)",
     }
     return report.write_report(workdir, records, tasks, environment,
-                               skipped + failed)
+                               skipped + failed, sweeps)
 
 
 def main(argv):

@@ -230,7 +230,12 @@ def make_optimizer(opt: dict[str, Any], num_train_steps: int, learning_rate=None
     if opt["schedule"] == "cosine" and num_train_steps > 1:
         # Linear warmup, then cosine decay to 0 at the last step.
         warmup = max(1, min(opt["warmup_steps"], num_train_steps - 1))
-        lr = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, num_train_steps)
+        if learning_rate is None:
+            lr = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, num_train_steps)
+        else:  # optax branches on a Python peak value: scale a unit schedule
+            unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup,
+                                                      num_train_steps)
+            lr = lambda count, unit=unit, peak=lr: peak * unit(count)
     if opt["name"] == "adam":
         tx = optax.adam(lr)
     elif opt["name"] == "adamw":

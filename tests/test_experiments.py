@@ -439,11 +439,21 @@ def test_study_smoke_writes_report_tables_and_plots(tmp_path):
     programs.clear()
     before = steps.TRACE_COUNT["train_step"]
     tables = study.run_study(config, str(tmp_path))
-    # 3 tasks x 2 losses x 2 seeds + asr's one loss x 2 seeds; the seeds of a loss
-    # share one compilation.
+    # 3 tasks x 2 losses x 2 seeds + asr's one loss x 2 seeds at each loss's chosen
+    # rate; the seeds and rates of a loss share one compilation (one vmapped step).
     records = json.loads((tmp_path / "results.json").read_text())
     assert len(records) == 14
     assert steps.TRACE_COUNT["train_step"] - before == 7
+    # Each loss's rate is its best mean validation metric among the swept rates.
+    sweep = json.loads((tmp_path / "digits" / "cross_entropy" / "sweep.json")
+                       .read_text())
+    assert {m["learning_rate"] for m in sweep} == set(
+        config.scenarios.digits.learning_rates) and len(sweep) == 4
+    val = {lr: np.mean([m["summary"]["val/accuracy"] for m in sweep
+                        if m["learning_rate"] == lr]) for lr in (3e-3, 1e-2)}
+    chosen = {r["learning_rate"] for r in records
+              if r["task"] == "digits" and r["loss"] == "cross_entropy"}
+    assert chosen == {max(val, key=val.get)}, (chosen, val)
     report = (tmp_path / "report.md").read_text()
     for task in ("digits", "text", "regression", "asr"):
         png = (tmp_path / f"{task}.png").read_bytes()
@@ -451,6 +461,8 @@ def test_study_smoke_writes_report_tables_and_plots(tmp_path):
         assert f"![{task}]({task}.png)" in report
     assert report.count(" wins on ") == 3  # asr has one loss: no contest
     assert "## Appendix" in report and "### Caveats" in report
+    assert "### Learning-rate sweep" in report and "| learning rate |" in tables
+    assert "study wall time" in tables and "study wall time" in report
     for label in ("cross_entropy", "label_smoothing", "squared_error",
                   "absolute_error"):
         assert f"`{label}`" in tables
@@ -466,6 +478,32 @@ def test_study_smoke_writes_report_tables_and_plots(tmp_path):
     again = json.loads((tmp_path / "results.json").read_text())
     assert steps.TRACE_COUNT["train_step"] == before
     assert [r["summary"] for r in again] == [r["summary"] for r in records]
+
+
+def test_sweep_member_trains_as_its_own_run(tmp_path):
+    """A vmapped sweep member (seed 1, the second rate) logs the training losses of
+    `train_and_evaluate` at that seed and rate: the injected rate and the stacked
+    members change nothing but summation order."""
+    from experiments import sweep
+
+    config = smoke_config(num_train_steps=10, log_every_steps=1)
+    members = sweep.run(config, (0, 1), (1e-3, 3e-3))
+    assert [(m["seed"], m["learning_rate"]) for m in members] == [
+        (0, 1e-3), (1, 1e-3), (0, 3e-3), (1, 3e-3)]
+    train.train_and_evaluate(smoke_config(num_train_steps=10, log_every_steps=1,
+                                          seed=1, **{"optimizer.learning_rate": 3e-3}),
+                             str(tmp_path))
+    np.testing.assert_allclose([v for _, v in members[3]["train_curve"]],
+                               [v for _, v in read_metrics(tmp_path)], rtol=1e-4)
+    assert members[3]["summary"]["test/accuracy"] == pytest.approx(
+        json.loads((tmp_path / "summary.json").read_text())["test/accuracy"], abs=0.01)
+    assert all(m["diverged_at"] is None for m in members)
+    # A rate that diverges is marked, and the other members go on.
+    members = sweep.run(smoke_config(num_train_steps=6, log_every_steps=2,
+                                     **{"optimizer.schedule": "constant"}),
+                        (0,), (1e-3, 1e30))
+    assert members[0]["diverged_at"] is None and members[1]["diverged_at"] >= 1
+    assert np.isfinite(members[0]["summary"]["test/accuracy"])
 
 
 def test_report_states_fused_vs_materialized_memory():
