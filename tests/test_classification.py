@@ -329,6 +329,30 @@ def test_where_equals_slicing_kept_entries(case):
         np.testing.assert_array_equal(g_masked[~rows], 0.0)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if "class_weights" in c.kwargs],
+                         ids=repr)
+def test_class_weight_gradient_ignores_poisoned_excluded_entries(case):
+    """d loss / d class_weights with NaN / inf in the excluded entries equals that of
+    the kept entries alone (label smoothing's uniform term sums over every row)."""
+    shape = (6, K)
+    data = case.data(shape)
+    rows, weights = _mask_and_weights(case, shape)
+    poisoned = _poison(case, data, rows)
+    w = jnp.asarray(weights, jnp.float32)
+
+    def grad(data, **kw):
+        args = [jnp.asarray(d, jnp.float32 if d.dtype.kind == "f" else None)
+                for d in data]
+        def loss(cw):
+            return case.fn(*args, **{**case.kwargs, "class_weights": cw}, **kw)
+
+        return jax.grad(loss)(jnp.asarray(CLASS_WEIGHTS, jnp.float32))
+
+    masked = grad(poisoned, where=jnp.asarray(rows), weights=w)
+    np.testing.assert_allclose(masked, grad([d[rows] for d in data], weights=w[rows]),
+                               rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("case", FIRST_CASES, ids=repr)
 def test_bfloat16(case):
     """bf16 in: the math in float32, float32 out, gradients in bf16.
