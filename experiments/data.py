@@ -38,7 +38,7 @@ from experiments.dataset import Dataset, batch_indices, split_indices
 __all__ = ["Dataset", "batch_indices", "load"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def digits(test_fraction: float = 0.2) -> Dataset:
     from sklearn.datasets import load_digits
 
@@ -55,7 +55,7 @@ def digits(test_fraction: float = 0.2) -> Dataset:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def diabetes(test_fraction: float = 0.2) -> Dataset:
     from sklearn.datasets import load_diabetes
 
@@ -118,7 +118,7 @@ def _hash_tokens(text: str, num_buckets: int, max_len: int) -> np.ndarray:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def stdlib_docs(num_buckets: int = 8192, max_len: int = 128,
                 test_fraction: float = 0.2,
                 packages: tuple[str, ...] = STDLIB_PACKAGES) -> Dataset:

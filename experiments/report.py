@@ -344,7 +344,7 @@ def write_report(workdir: pathlib.Path, records: list[dict], tasks: dict[str, di
               "is invariant to a constant scale of the loss (up to its epsilon): "
               "when both are in a table their metrics should (and do) coincide, a "
               "sanity check of the harness rather than two independent results."]
-    # Scenario-specific caveats (e.g. a budget cut for the study), from the study config.
+    # Scenario-specific caveats (e.g. a budget cut), from the study config.
     lines += [f"- {info['title']}: {info['caveat']}" for info in tasks.values()
               if info.get("caveat")]
     if skipped:

@@ -1,4 +1,4 @@
-"""Host-side scores of decoded sequences: edit distance, character and word error rates."""
+"""Host-side scores of decodings: edit distance, character and word error rates."""
 
 from __future__ import annotations
 

@@ -133,7 +133,8 @@ def run_study(config: mlc.ConfigDict, workdir: str) -> str:
             _, cfg0 = _task_config(scen, scen.losses[0], 0, config.smoke)
             arg = f"loss=<label>{',smoke' if config.smoke else ''}"
             tasks[name] = {"title": scen.title, "metric": scen.metric,
-                           "mode": scen.mode, "setup": _setup_lines(cfg0, workdir / "data"),
+                           "mode": scen.mode,
+                           "setup": _setup_lines(cfg0, workdir / "data"),
                            "command": f"--config={scen.config.replace('.', '/')}"
                                       f".py:{arg}",
                            "rates": tuple(scen.learning_rates),
@@ -152,7 +153,8 @@ def run_study(config: mlc.ConfigDict, workdir: str) -> str:
         common = {"task": name, "loss": label, "metric": scen.metric,
                   "mode": scen.mode}
         for m in members:
-            sweeps.append({**common, "seed": m["seed"], "learning_rate": m["learning_rate"],
+            sweeps.append({**common, "seed": m["seed"],
+                           "learning_rate": m["learning_rate"],
                            "diverged_at": m["diverged_at"], "summary": m["summary"]})
             if m["learning_rate"] != rate:
                 continue

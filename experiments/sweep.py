@@ -30,9 +30,9 @@ import ml_collections as mlc
 import numpy as np
 import optax
 
-from experiments import memory, metrics, parallel, schema, steps, tasks
 from experiments import data as data_lib
 from experiments import dataset as dataset_lib
+from experiments import memory, metrics, parallel, schema, steps, tasks
 
 
 def _member_task(flat: dict, dataset) -> tasks.Task:
@@ -40,7 +40,8 @@ def _member_task(flat: dict, dataset) -> tasks.Task:
     task = tasks.build_task(None, dataset, flat)
     factory = functools.partial(tasks.make_optimizer, schema.optimizer_fields(flat),
                                 flat["num_train_steps"])
-    tx = optax.inject_hyperparams(factory)(learning_rate=flat["optimizer.learning_rate"])
+    tx = optax.inject_hyperparams(factory)(
+        learning_rate=flat["optimizer.learning_rate"])
     return dataclasses.replace(task, tx=tx)
 
 
@@ -156,7 +157,7 @@ def run(config: mlc.ConfigDict, seeds, learning_rates, *,
         if done % eval_every == 0 or last:
             jax.block_until_ready(state)
             for score in scores:
-                for r, values in zip(records, score(state["params"])):
+                for r, values in zip(records, score(state["params"]), strict=True):
                     r["curve" if score.prefix == "test" else "val_curve"].append(
                         [done, values])
                     r["summary"] |= values

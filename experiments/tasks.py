@@ -169,7 +169,7 @@ def _ctc_error_rates(metrics: dict, arrays: dict) -> dict:
     return metrics
 
 
-# --- language modelling: next tokens ---------------------------------------------------
+# --- language modelling: next tokens ------------------------------------------------
 
 
 def _tokens_loss(task, outputs, batch, where):

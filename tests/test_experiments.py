@@ -21,13 +21,21 @@ import time
 import chex
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 import lossjax
-from experiments import checkpoints, parallel, programs, schema, scoring, steps, tasks, train
+from experiments import (
+    checkpoints,
+    parallel,
+    programs,
+    schema,
+    scoring,
+    steps,
+    tasks,
+    train,
+)
 from experiments import data as data_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -236,13 +244,13 @@ def test_step_compiles_once_and_its_memory_is_recorded(tmp_path):
 
 def test_jit_and_pmap_give_the_same_losses_step_by_step(tmp_path):
     curves, params = {}, {}
-    for parallel in ("jit", "pmap"):
-        workdir = tmp_path / parallel
+    for mode in ("jit", "pmap"):
+        workdir = tmp_path / mode
         train.train_and_evaluate(
-            smoke_config(parallel=parallel, num_train_steps=12, log_every_steps=1),
+            smoke_config(parallel=mode, num_train_steps=12, log_every_steps=1),
             str(workdir))
-        curves[parallel] = read_metrics(workdir)
-        params[parallel] = final_state(workdir)[1]["params"]
+        curves[mode] = read_metrics(workdir)
+        params[mode] = final_state(workdir)[1]["params"]
     assert [s for s, _ in curves["jit"]] == list(range(1, 13))
     # Same math, different summation order across devices: agree to float32 rounding.
     np.testing.assert_allclose([v for _, v in curves["pmap"]],
