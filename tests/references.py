@@ -337,3 +337,36 @@ def linear_cross_entropy(hidden, kernel, labels, bias=None):
         m = z.max()
         out[n] = m + np.log(np.sum(np.exp(z - m))) - z[y]
     return out.reshape(shape)
+
+
+def linear_cross_entropy_options(hidden, kernel, labels, *, bias=None,
+                                 class_weights=None, label_smoothing=0.0, z_loss=0.0,
+                                 logit_softcap=None):
+    """Per-token loss of `linear_cross_entropy` with its options, and the per-token
+    weight that "mean" divides by (`class_weights[label]`, 1 without), float64.
+
+    x = s tanh((h W + b) / s) (no cap: h W + b); loss = (1 - e) w_y (lse - x_y)
+    + e / V sum_k w_k (lse - x_k) + z_loss lse^2 (torch's class-weighted smoothing).
+    A label outside [0, V) (ignored entries included) gives NaN: mask it in `reduce`.
+    """
+    hidden = np.asarray(hidden, np.float64).reshape(-1, np.shape(hidden)[-1])
+    kernel = np.asarray(kernel, np.float64)
+    vocab = kernel.shape[1]
+    w = (np.ones(vocab) if class_weights is None
+         else np.asarray(class_weights, np.float64))
+    shape = np.shape(labels)
+    labels = np.asarray(labels).reshape(-1)
+    loss, norm = np.full(len(labels), np.nan), np.zeros(len(labels))
+    for n, (h, y) in enumerate(zip(hidden, labels)):
+        x = h @ kernel + (0.0 if bias is None else np.asarray(bias, np.float64))
+        if logit_softcap is not None:
+            x = logit_softcap * np.tanh(x / logit_softcap)
+        m = x.max()
+        lse = m + np.log(np.sum(np.exp(x - m)))
+        if not 0 <= y < vocab:
+            continue
+        smooth = np.sum(w * (lse - x)) / vocab
+        loss[n] = ((1 - label_smoothing) * w[y] * (lse - x[y])
+                   + label_smoothing * smooth + z_loss * lse**2)
+        norm[n] = w[y]
+    return loss.reshape(shape), norm.reshape(shape)

@@ -613,6 +613,27 @@ def _reference(h, w, b, y, where, weights, cw, reduction, **opts):
 DEV_OPTS = dict(label_smoothing=0.1, z_loss=1e-3, logit_softcap=4.0, block_size=8)
 
 
+def test_shard_map_tokens_sharded_sum_issue_shapes():
+    # ISSUE 11's report, as written: hidden [256, 32], kernel [32, 300], tokens over
+    # "data", the local "sum" psummed. It came out 8 times the single-device value,
+    # and its gradient did not trace.
+    rng = np.random.default_rng(12)
+    h, w, _, y = _inputs(rng, shape=(256,))
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    f = jax.shard_map(
+        lambda h, w, y: lax.psum(linear_cross_entropy(h, w, y, reduction="sum"),
+                                 "data"),
+        mesh=mesh, in_specs=(P("data"), P(), P("data")), out_specs=P())
+    kept = np.asarray(y) != -100
+    want = ref.linear_cross_entropy(h[kept], w, y[kept]).sum()
+    np.testing.assert_allclose(jax.jit(f)(h, w, y), want, rtol=1e-5)
+    got = jax.jit(jax.grad(f, argnums=(0, 1)))(h, w, y)
+    single = jax.grad(lambda h, w: linear_cross_entropy(h, w, y, reduction="sum"),
+                      argnums=(0, 1))(h, w)
+    for a, c in zip(got, single):
+        assert _rel(a, c) < 1e-5
+
+
 @pytest.mark.parametrize("with_axis_name", [False, True])
 def test_shard_map_tokens_sharded_matches_single_device(with_axis_name):
     # ISSUE 11: with the tokens sharded over "data" and no vocab axis, the per-token
