@@ -292,9 +292,10 @@ def _uniform_term(x, lse, kept, class_weights):
         uniform = lse - jnp.mean(x, axis=-1)
     else:
         w = jnp.asarray(class_weights).astype(x.dtype)
-        # x masked inside the product (it fuses into the mean), so that the gradient
-        # w.r.t. the class weights, a sum over rows, never meets an excluded NaN.
-        uniform = jnp.mean(w) * lse - jnp.mean(w * sanitize(x, kept, 0, axis=-1), -1)
+        # mean(w * x) as a masked row dot: the gradient w.r.t. the class weights, a
+        # sum over rows, never meets an excluded row's NaN, at no sanitizing pass.
+        w_x = _masked_row_dot(x, w, _all_kept(kept, x.shape[:-1])) / x.shape[-1]
+        uniform = jnp.mean(w) * lse - w_x
     # Excluded rows may hold NaN here: masked, so that the gradient of a traced
     # label_smoothing (a sum over rows) stays finite.
     return uniform if kept is None else jnp.where(kept, uniform, 0)
@@ -326,21 +327,22 @@ def _cross_entropy_soft(logits, targets, *, axis, label_smoothing, class_weights
     _checks.assert_unit_interval("cross_entropy", "float labels", t, kept_c)
     x, t = x.astype(dtype), t.astype(dtype)
     lse, x = _softcap_and_logsumexp(x, kept, logit_softcap)
+    smoothing = not _checks.is_zero(label_smoothing)
+    if smoothing or class_weights is not None:
+        # t masked inside the elementwise ops that fuse into the row dot: the gradient
+        # of a traced label_smoothing or of the class weights (sums over rows) then
+        # never meets an excluded row's NaN target.
+        t = sanitize(t, kept, 0, axis=-1)
+    if smoothing:
+        eps = _hyper(label_smoothing, dtype)
+        t = (1.0 - eps) * t + eps / num_classes
     if class_weights is not None:
-        # t masked inside the product (it fuses into the row dot), so that the
-        # gradient w.r.t. the class weights never meets an excluded NaN.
-        t = sanitize(t, kept, 0, axis=-1) * jnp.asarray(class_weights).astype(dtype)
+        t = t * jnp.asarray(class_weights).astype(dtype)
     # As for integer labels, excluded rows are not sanitized (a slow pass on CPU):
     # exact through _masked_row_dot's custom JVP, which masks before it multiplies.
     # sum_k t_k (lse - x_k) in one reduction (not lse * sum(t) - sum(t * x), one pass
     # more), without forming log-softmax; 0 * log 0 never arises as logits are finite.
     entry = _masked_row_dot(t, lse[..., None] - x, _all_kept(kept, x.shape[:-1]))
-    if not _checks.is_zero(label_smoothing):
-        # The smoothed targets' loss as (1 - eps) * entry + eps * uniform, not by
-        # rewriting t: t of an excluded row may be NaN, and would make the gradient
-        # of a traced label_smoothing NaN.
-        eps = _hyper(label_smoothing, dtype)
-        entry = (1.0 - eps) * entry + eps * _uniform_term(x, lse, kept, class_weights)
     entry = _add_z_loss(entry, lse, z_loss)
     return reduce_loss(entry, kept=kept, weights=weights, reduction=reduction,
                        axis_name=axis_name)
