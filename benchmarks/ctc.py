@@ -3,26 +3,38 @@
     python -m benchmarks.ctc                  # every case, 3 fresh processes each
     python -m benchmarks.ctc --processes 1    # quicker
     python -m benchmarks.ctc --only B16-T200-K32-L40   # one size (or whole case names)
+    CTC_BASELINE=/tmp/base python -m benchmarks.ctc --only B16-T200-K32-L40
+        # also "lossjax@base": lossjax imported from the source tree /tmp/base
+        # (e.g. `git archive HEAD | tar -x -C /tmp/base`), interleaved with the
+        # others: a before/after ratio measured in one run
 
 Implementations, each on the same float32 logits `[B, T, K]` (log_softmax included),
 summed over the batch:
 - lossjax: `lossjax.ctc_loss(..., reduction="sum")` (analytic custom_vjp gradient);
 - optax: `optax.ctc_loss` with padding masks (autodiff through its scan);
-- torch: `F.ctc_loss(log_softmax(x).transpose(0, 1), ...)` on CPU (its native kernel).
+- torch: `F.ctc_loss(log_softmax(x).transpose(0, 1), ...)` on CPU (its native kernel);
+- lossjax@base (with `CTC_BASELINE`): lossjax's `ctc_loss` from another source tree.
 
 "fwd" is the loss alone, "fwd+bwd" the loss and its gradient w.r.t. the logits. Each
 case runs in a fresh process (benchmarks/common.py); the table reports the median wall
-time, XLA's compiled temp size (jax only) and the process's peak RSS.
+time, XLA's compiled temp size (jax only) and the process's peak RSS. With a baseline,
+the processes of one size alternate between the implementations (`interleave`), and
+`vs_base` is the median over repetitions of the paired ratio to lossjax@base.
 """
 
 from __future__ import annotations
+
+import os
+import statistics
+import sys
 
 import numpy as np
 
 from benchmarks import common
 
 SIZES = {"B16-T200-K32-L40": (16, 200, 32, 40), "B32-T800-K64-L100": (32, 800, 64, 100)}
-IMPLS = ("lossjax", "optax", "torch")
+BASELINE = os.environ.get("CTC_BASELINE")
+IMPLS = ("lossjax", "optax", "torch") + (("lossjax@base",) if BASELINE else ())
 MODES = ("fwd", "fwd+bwd")
 CASES = [f"{s}/{i}/{m}" for s in SIZES for i in IMPLS for m in MODES]
 
@@ -44,8 +56,14 @@ def _measure_jax(impl, mode, data):
     import jax.numpy as jnp
 
     logits, logit_lengths, labels, label_lengths = (jnp.asarray(a) for a in data)
-    if impl == "lossjax":
+    if impl in ("lossjax", "lossjax@base"):
+        if impl == "lossjax@base":
+            sys.path.insert(0, os.path.abspath(BASELINE))
         import lossjax
+
+        if impl == "lossjax@base":
+            assert lossjax.__file__.startswith(os.path.abspath(BASELINE)), \
+                lossjax.__file__
 
         def loss(x):
             return lossjax.ctc_loss(x, logit_lengths, labels, label_lengths,
@@ -118,13 +136,20 @@ def _table(results):
             base = by_key.get((r.get("size"), other, r.get("mode")), {})
             if "time_ms" in r and "time_ms" in base:
                 row[f"vs_{other}"] = r["time_ms"] / base["time_ms"]
+        base = by_key.get((r.get("size"), "lossjax@base", r.get("mode")), {})
+        pairs = [(a["time_ms"], b["time_ms"]) for a, b in
+                 zip(r.get("runs", ()), base.get("runs", ()))
+                 if "time_ms" in a and "time_ms" in b]
+        if pairs:  # the repetitions ran side by side: paired ratios
+            row["vs_base"] = statistics.median(a / b for a, b in pairs)
         rows.append(row)
-    columns = ["size", "impl", "mode", "time_ms", "vs_optax", "vs_torch", "temp_mib",
-               "peak_rss_mib", "device", "error"]
+    columns = ["size", "impl", "mode", "time_ms", "vs_optax", "vs_torch", "vs_base",
+               "temp_mib", "peak_rss_mib", "device", "error"]
     return common.markdown_table(rows, columns)
 
 
 if __name__ == "__main__":
-    results = common.main("benchmarks.ctc", CASES, measure)
+    results = common.main("benchmarks.ctc", CASES, measure,
+                          interleave=BASELINE is not None)
     if results is not None:
         print(_table(results))

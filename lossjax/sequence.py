@@ -11,7 +11,13 @@ import numpy as np
 from jax import lax
 
 from lossjax import _checks
-from lossjax._reduce import compute_dtype, kept_mask, reduce_loss
+from lossjax._reduce import (
+    AxisName,
+    check_reduction,
+    compute_dtype,
+    kept_mask,
+    reduce_loss,
+)
 
 __all__ = [
     "ctc_loss",
@@ -355,11 +361,23 @@ def _ctc_core_bwd(blank_id, res, g):
     valid = jnp.arange(p.logits.shape[1])[None, :] < p.logit_lengths[:, None]
     softmax = jnp.exp(p.logits - p.lse[..., None])
     # d(-log p)/d logits = softmax - occupancy (the log_softmax Jacobian folded in).
-    grad = softmax * (scale[:, None] * valid)[..., None] - occ
+    # A select, not a product with `valid`: frames that do not count may hold NaN or
+    # +-inf (padding), so their softmax is NaN, and 0 * NaN is NaN. Their occupancy is
+    # an exact 0 (beta restarts from its final values there, alpha is frozen).
+    grad = jnp.where(valid[..., None], softmax * scale[:, None, None], 0.0) - occ
     return grad, None, None, None
 
 
 _ctc_core.defvjp(_ctc_core_fwd, _ctc_core_bwd)
+
+
+def _check_blank_id(blank_id, num_classes):
+    """blank_id picks a class (a static index): a Python int in [0, num_classes)."""
+    if isinstance(blank_id, bool) or not isinstance(blank_id, (int, np.integer)):
+        raise TypeError(
+            f"blank_id must be a Python int in [0, {num_classes}) (static: it picks "
+            f"the blank class), got {blank_id!r}.")
+    _checks.check_range("blank_id", blank_id, low=0, high=num_classes, high_open=True)
 
 
 def _ctc_inputs(logits, logit_lengths, labels, label_lengths, blank_id):
@@ -375,9 +393,7 @@ def _ctc_inputs(logits, logit_lengths, labels, label_lengths, blank_id):
     _checks.check_shape("logit_lengths", logit_lengths, (batch,), against=against)
     _checks.check_shape("labels", labels, (batch, labels.shape[1]), against=against)
     _checks.check_shape("label_lengths", label_lengths, (batch,), against=against)
-    if not isinstance(blank_id, (int, np.integer)) or not 0 <= blank_id < num_classes:
-        raise ValueError(
-            f"blank_id must be an int in [0, {num_classes}), got {blank_id!r}.")
+    _check_blank_id(blank_id, num_classes)
     return batch, num_t, num_classes, labels.shape[1]
 
 
@@ -392,7 +408,8 @@ def ctc_loss(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
-) -> jax.Array:
+    axis_name: AxisName = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Connectionist temporal classification (CTC) loss, with an analytic gradient.
 
     For sequence labelling without a frame-level alignment (speech and handwriting
@@ -425,30 +442,40 @@ def ctc_loss(
     Args:
       logits: float `[batch, time, num_classes]`, unnormalized; `blank_id` is one of
         the classes.
-      logit_lengths: int `[batch]`, the number of valid frames per sequence (frames at
-        `t >= logit_lengths` are ignored and get zero gradient); at most `time`.
+      logit_lengths: int `[batch]`, the number of valid frames per sequence, at most
+        `time`. Frames at `t >= logit_lengths` are ignored whatever they hold (NaN,
+        -inf from `where(mask, logits, -inf)`, +inf) and get an exact, finite zero
+        gradient; checked mode does not look at them.
       labels: int `[batch, max_label_len]`, right-padded label ids (the padding value
         is never read); valid labels lie in `[0, num_classes)` and differ from
         `blank_id`.
       label_lengths: int `[batch]`, at most `max_label_len`.
-      blank_id: the class id of the blank.
-      zero_infinity: if True, a sequence with no valid alignment (its labels,
+      blank_id: the class id of the blank, a Python int in `[0, num_classes)`
+        (static; out of range raises ValueError).
+      zero_infinity: bool; if True, a sequence with no valid alignment (its labels,
         counting a blank between repeats, need more than `logit_lengths` frames) has
-        loss 0 and zero gradient instead of `inf`, as torch's flag.
+        loss 0 and zero gradient instead of `inf`, as torch's flag. A bool array
+        (traced) is accepted too.
       where: bool, broadcastable to `[batch]`; False sequences count for nothing, with
         zero gradient even if their logits hold NaN.
       weights: float, broadcastable to `[batch]`; per-sequence weights.
-      reduction: "none", "sum" or "mean". "mean" divides each sequence's loss by its
-        label length (clamped to at least 1) and then takes the weighted mean over
-        the kept sequences (`sum(w * loss / length) / sum(w)`), torch's convention;
-        "none" and "sum" use the loss not divided by length.
+      reduction: "none", "sum", "mean" or "sum_and_weight". "mean" divides each
+        sequence's loss by its label length (clamped to at least 1) and then takes
+        the weighted mean over the kept sequences (`sum(w * loss / length) /
+        sum(w)`), torch's convention; "sum_and_weight" returns that numerator and
+        denominator (for exact accumulation over micro-batches); "none" and "sum"
+        use the loss not divided by length.
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is sharded;
+        "sum" / "mean" are then over the global batch, with exact values and
+        gradients under `shard_map` and `pmap`; "none" stays local (see the README's
+        loss contract).
 
     Returns:
-      "none": `[batch]`; "sum", "mean": a scalar. dtype
-      `promote_types(logits.dtype, float32)`. An invalid sequence (a label out of
-      range or equal to `blank_id`, or a length out of range) gives NaN; wrap the
-      call in `lossjax.checked` to raise instead. The gradient of an infinite loss
-      is 0 (torch returns NaN there unless `zero_infinity`).
+      "none": `[batch]`; "sum", "mean": a scalar; "sum_and_weight": a pair of
+      scalars. dtype `promote_types(logits.dtype, float32)`. An invalid sequence (a
+      label out of range or equal to `blank_id`, or a length out of range) gives NaN;
+      wrap the call in `lossjax.checked` to raise instead. The gradient of an
+      infinite loss is 0 (torch returns NaN there unless `zero_infinity`).
 
     Example:
       >>> import jax.numpy as jnp, lossjax
@@ -469,11 +496,15 @@ def ctc_loss(
     """
     batch, num_t, num_classes, max_len = _ctc_inputs(
         logits, logit_lengths, labels, label_lengths, blank_id)
-    if reduction not in ("none", "sum", "mean"):
-        reduce_loss(jnp.zeros(()), reduction=reduction)  # raises the usual error
+    check_reduction(reduction)
+    if not isinstance(zero_infinity, (bool, np.bool_)):
+        # A bool array (traced, e.g. under `checked`) is applied with a select.
+        if jnp.result_type(zero_infinity) != jnp.bool_ or jnp.ndim(zero_infinity):
+            raise TypeError(f"zero_infinity must be a bool, got {zero_infinity!r}.")
     kept = kept_mask((batch,), where=where)
     positions = jnp.arange(max_len)[None, :]
     in_label = positions < label_lengths[:, None]
+    frames = jnp.arange(num_t)[None, :]
     label_ok = (labels >= 0) & (labels < num_classes) & (labels != blank_id)
     _checks.assert_values(
         "ctc_loss",
@@ -485,8 +516,11 @@ def ctc_loss(
     _checks.assert_values(
         "ctc_loss", f"logit_lengths must lie in [0, {num_t}] (time).",
         (logit_lengths >= 0) & (logit_lengths <= num_t), kept)
-    _checks.assert_finite("ctc_loss", "logits", logits,
-                          None if kept is None else kept[:, None, None])
+    # Only the frames that count: padding past logit_lengths may hold anything.
+    counted = frames < logit_lengths[:, None]
+    _checks.assert_finite("ctc_loss", "logits (frames t < logit_lengths)", logits,
+                          (counted if kept is None else counted & kept[:, None])[
+                              ..., None])
     valid = (jnp.all(label_ok | ~in_label, axis=1)
              & (label_lengths >= 0) & (label_lengths <= max_len)
              & (logit_lengths >= 0) & (logit_lengths <= num_t))
@@ -494,24 +528,33 @@ def ctc_loss(
     # their logits), invalid ones are computed on safe values and turned into NaN
     # afterwards (an index is never clamped silently into a different label).
     use = valid if kept is None else valid & kept
-    x = logits.astype(compute_dtype(logits))
-    if kept is not None:
-        x = jnp.where(kept[:, None, None], x, jnp.zeros((), x.dtype))
     safe_labels = jnp.where(label_ok & in_label & use[:, None], labels, blank_id)
     safe_logit_lengths = jnp.where(use, logit_lengths, 0).astype(jnp.int32)
     safe_label_lengths = jnp.where(use, label_lengths, 0).astype(jnp.int32)
+    # Frames that do not count (past logit_lengths, and every frame of an excluded
+    # or invalid sequence, whose length is 0 here) are never sanitized on the input:
+    # the recursions only keep values of counted frames (alpha is frozen past the
+    # length, beta restarts there) and the backward selects their gradient to an
+    # exact 0, whatever they hold (NaN, +-inf). A select on the input costs a copy of
+    # the logits: 12-16% of the small benchmark case (benchmarks/ctc.py).
+    x = logits.astype(compute_dtype(logits))
     if num_t:
         nll = _ctc_core(x, safe_logit_lengths, safe_labels.astype(jnp.int32),
                         safe_label_lengths, int(blank_id))
     else:  # no frames: only the empty label sequence has an alignment
         nll = jnp.where(safe_label_lengths == 0, 0.0, jnp.inf).astype(x.dtype)
-    if zero_infinity:
-        nll = jnp.where(jnp.isinf(nll), jnp.zeros((), nll.dtype), nll)
+    if isinstance(zero_infinity, (bool, np.bool_)):
+        if zero_infinity:
+            nll = jnp.where(jnp.isinf(nll), jnp.zeros((), nll.dtype), nll)
+    else:
+        nll = jnp.where(zero_infinity & jnp.isinf(nll), jnp.zeros((), nll.dtype), nll)
     nll = jnp.where(valid, nll, jnp.nan)
-    if reduction == "mean":
-        # torch divides each sequence by its target length, clamped to at least 1.
+    if reduction in ("mean", "sum_and_weight"):
+        # torch divides each sequence by its target length, clamped to at least 1;
+        # "sum_and_weight" returns the two sums that "mean" divides.
         nll = nll / jnp.maximum(safe_label_lengths, 1).astype(nll.dtype)
-    return reduce_loss(nll, kept=kept, weights=weights, reduction=reduction)
+    return reduce_loss(nll, kept=kept, weights=weights, reduction=reduction,
+                       axis_name=axis_name)
 
 
 # --- decoders -------------------------------------------------------------------------
@@ -525,9 +568,7 @@ def _check_decode_inputs(logits, logit_lengths, blank_id):
     _checks.check_shape("logit_lengths", logit_lengths, (batch,),
                         against=f"logits of shape {logits.shape} ([batch, time, "
                         "classes])")
-    if not isinstance(blank_id, (int, np.integer)) or not 0 <= blank_id < num_classes:
-        raise ValueError(
-            f"blank_id must be an int in [0, {num_classes}), got {blank_id!r}.")
+    _check_blank_id(blank_id, num_classes)
 
 
 def _compact(tokens, keep, pad_value):
