@@ -758,17 +758,20 @@ def test_pmap_token_parallel_values_and_gradients():
                                     axis_name=axis_name, **DEV_OPTS)
 
     def per_device(h, w, b, y, where, weights):
-        value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(
+        value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 5))(
             h, w, b, y, where, weights, axis_name="d")
         pair = loss(h, w, b, y, where, weights, axis_name="d",
                     reduction="sum_and_weight")
-        return value, grads[0], lax.psum(grads[1:], "d"), pair
+        return value, grads[0], lax.psum(grads[1:3], "d"), grads[3], pair
 
-    value, dh, (dw, db), pair = jax.pmap(
+    value, dh, (dw, db), dweights, pair = jax.pmap(
         per_device, axis_name="d", in_axes=(0, None, None, 0, 0, 0))(
         split(h), w, b, split(y), split(where), split(weights))
-    want_value, want_grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(
+    want_value, want_grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 5))(
         h, w, b, y, where, weights)
+    # The per-token weights reach the mean through the kernel's coefficients and the
+    # global normalizer: each device's slice of the global gradient.
+    assert _rel(dweights.reshape(-1), want_grads[3]) < 1e-5
     ref_total, ref_count = _reference(h, w, b, y, where, weights, cw,
                                       "sum_and_weight", label_smoothing=0.1,
                                       z_loss=1e-3, logit_softcap=4.0)
