@@ -12,7 +12,9 @@ ones). Two `jax.custom_vjp` kernels compute them:
 - `_fused_loss`, for loss and gradient of a "sum"/"mean" loss (a training step):
   such a loss is `sum_n a_n lse_n + b_n x_label + c_n sum_k u_k x_k + zc_n lse_n^2`
   with per-token coefficients known before the kernel runs (the derivatives of the
-  options' code at zero). The kernel walks token blocks, each over the whole vocab,
+  options' code at zero): this device's weighted sum, which `reduce_loss` then
+  divides by the kept weight and sums over the batch axis (`axis_name`), as for
+  every loss. The kernel walks token blocks, each over the whole vocab,
   and computes the gradients in the forward pass: three matmuls (logits, d hidden,
   d kernel), as the unfused version, and a `[token_block, vocab]` tile instead of the
   full logits. The backward only scales the stored gradients.
