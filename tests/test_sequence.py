@@ -16,11 +16,13 @@ import references as ref
 import torch
 import torch.nn.functional as F
 from jax.test_util import check_grads
+from loss_cases import MatrixCase
 
 import lossjax
 from lossjax import sequence as S
 
 REDUCTIONS = ("none", "sum", "mean")
+ALL_REDUCTIONS = REDUCTIONS + ("sum_and_weight",)
 
 
 def _batch(rng, batch, num_t, num_classes, max_len, *, blank=0, scale=2.0,
@@ -431,3 +433,482 @@ class TestDecoders:
                 v, tl, beam_width=width))(jnp.asarray(x))
             np.testing.assert_array_equal(b_len, g_len)
             np.testing.assert_array_equal(b_labels, g_labels)
+
+
+# --- ISSUE 11: non-finite padding, checked mode, blank_id, axis_name -----------------
+
+
+def _pad(x, logit_lengths, fill):
+    """`x` with every frame at t >= logit_lengths set to `fill` (the usual
+    `where(mask, logits, -inf)` padding when fill is -inf)."""
+    counted = np.arange(x.shape[1])[None, :] < np.asarray(logit_lengths)[:, None]
+    return np.where(counted[..., None], x, fill).astype(x.dtype)
+
+
+def _reference(x, tl, y, yl, *, blank=0):
+    """Per-sequence float64 CTC loss and its gradient `[B, T, K]` from the NumPy
+    forward-backward on the counted frames only (zero gradient past the lengths)."""
+    x = np.asarray(x, np.float64)
+    nll, grad = np.zeros(x.shape[0]), np.zeros_like(x)
+    for b in range(x.shape[0]):
+        nll[b], grad[b, :tl[b]] = ref.ctc_nll_and_grad(x[b, :tl[b]], y[b, :yl[b]],
+                                                       blank)
+    return nll, grad
+
+
+def _reference_reductions(nll, yl, w):
+    """{reduction: value} of torch's convention ("mean" divides by the label length,
+    clamped to 1, then takes the weighted mean), in float64."""
+    per = nll / np.maximum(yl, 1)
+    return {"none": w * nll, "sum": np.sum(w * nll),
+            "mean": np.sum(w * per) / np.sum(w),
+            "sum_and_weight": (np.sum(w * per), np.sum(w))}
+
+
+def _padded_inputs(seed=10, shape=(6, 12, 5, 4), blank=0):
+    x, tl, y, yl = _batch(np.random.default_rng(seed), *shape, blank=blank)
+    tl[1:4] = [5, 9, 7]  # several sequences shorter than T (all still feasible)
+    yl[1:4] = np.minimum(yl[1:4], 2)
+    y = np.where(np.arange(shape[3])[None] < yl[:, None], np.maximum(y, 1), -1)
+    y = np.where(y == blank, blank % (shape[2] - 1) + 1, y)
+    return x.astype(np.float32), tl, y, yl
+
+
+@jax.jit
+def _values_and_grads(x, tl, y, yl, w, cot):
+    """Every reduction's value, the "none" VJP with `cot`, and the "mean" gradient."""
+    f = lambda v, r: S.ctc_loss(v, tl, y, yl, weights=w, reduction=r)
+    values = {r: f(x, r) for r in ALL_REDUCTIONS}
+    g_none = jax.grad(lambda v: jnp.sum(cot * f(v, "none")))(x)
+    g_mean = jax.grad(lambda v: f(v, "mean"))(x)
+    return values, g_none, g_mean
+
+
+class TestNonFinitePadding:
+    @pytest.mark.parametrize("fill", [-np.inf, np.nan, np.inf])
+    def test_values_equal_clean_padding_and_gradients_are_zero_past_lengths(self, fill):
+        x, tl, y, yl = _padded_inputs()
+        rng = np.random.default_rng(11)
+        w = rng.uniform(0.5, 2.0, x.shape[0]).astype(np.float32)
+        cot = rng.normal(size=x.shape[0]).astype(np.float32)
+        clean, bad = _pad(x, tl, 0.0), _pad(x, tl, fill)
+        assert not np.all(np.isfinite(bad))
+        got = _values_and_grads(bad, tl, y, yl, w, cot)
+        want = _values_and_grads(clean, tl, y, yl, w, cot)
+        # The clean-padding call, bit for bit: the padding is never read.
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(a, b)
+        values, g_none, g_mean = got
+        counted = (np.arange(x.shape[1])[None] < tl[:, None])[..., None]
+        for g in (g_none, g_mean):
+            g = np.asarray(g)
+            assert np.all(np.isfinite(g))
+            assert np.all(np.where(counted, 0.0, g) == 0.0)
+        # ... and the float64 reference on the counted frames.
+        nll, grad = _reference(x, tl, y, yl)
+        for r, v in _reference_reductions(nll, yl, w.astype(np.float64)).items():
+            np.testing.assert_allclose(values[r], v, rtol=2e-5, err_msg=r)
+        np.testing.assert_allclose(g_none, (cot * w)[:, None, None] * grad, rtol=1e-4,
+                                   atol=2e-6)
+        scale = w / np.maximum(yl, 1) / w.astype(np.float64).sum()
+        np.testing.assert_allclose(g_mean, scale[:, None, None] * grad, rtol=1e-4,
+                                   atol=2e-6)
+
+    def test_eager_and_masked_sequences(self):
+        # Eager (no jit), and with `where`: an excluded sequence may hold NaN in any
+        # frame, a kept one -inf past its length.
+        x, tl, y, yl = _padded_inputs(seed=12)
+        keep = np.array([True, True, False, True, True, False])
+        bad = _pad(x, tl, -np.inf)
+        bad[2] = np.nan
+        bad[5, : tl[5]] = np.inf
+        f = lambda v: S.ctc_loss(jnp.asarray(v), tl, y, yl, where=keep)
+        loss, g = jax.value_and_grad(f)(bad)
+        nll, grad = _reference(x, tl, y, yl)
+        per = (nll / np.maximum(yl, 1))[keep]
+        np.testing.assert_allclose(loss, per.mean(), rtol=2e-5)
+        g = np.asarray(g)
+        assert np.all(np.isfinite(g))
+        np.testing.assert_allclose(
+            g, (keep / np.maximum(yl, 1) / keep.sum())[:, None, None] * grad,
+            rtol=1e-4, atol=2e-6)
+
+    @pytest.mark.parametrize("fill", [-np.inf, np.nan])
+    def test_checked_mode_looks_only_at_counted_frames_of_kept_sequences(self, fill):
+        x, tl, y, yl = _padded_inputs(seed=13)
+        bad = _pad(x, tl, fill)
+        nll, grad = _reference(x, tl, y, yl)
+        ones = np.ones(x.shape[0])
+        f = lossjax.checked(S.ctc_loss)
+        for r, v in _reference_reductions(nll, yl, ones).items():
+            np.testing.assert_allclose(f(bad, tl, y, yl, reduction=r), v, rtol=2e-5,
+                                       err_msg=r)
+        g = lossjax.checked(jax.grad(lambda v, *a: S.ctc_loss(*(v,) + a,
+                                                              reduction="sum")))(
+            bad, tl, y, yl)
+        np.testing.assert_allclose(g, grad, rtol=1e-4, atol=2e-6)
+        # An excluded sequence may hold anything; a kept one is checked on the frames
+        # that count.
+        keep = np.ones(x.shape[0], bool)
+        keep[2] = False
+        excluded = bad.copy()
+        excluded[2, 0, 0] = np.nan
+        f(excluded, tl, y, yl, where=keep)
+        counted = bad.copy()
+        counted[1, tl[1] - 1, 0] = np.nan  # the last counted frame
+        with pytest.raises(AssertionError, match=r"lossjax.ctc_loss.*logits"):
+            f(counted, tl, y, yl, where=keep)
+
+
+class TestHyperparameters:
+    @pytest.mark.parametrize("blank", [0, 2])
+    def test_checked_mode_with_blank_id_zero_infinity_and_every_reduction(self, blank):
+        x, tl, y, yl = _batch(np.random.default_rng(14), 4, 12, 5, 4, blank=blank,
+                              impossible=True)
+        x = x.astype(np.float32)
+        f = lossjax.checked(S.ctc_loss)
+        for zero_infinity in (False, True):
+            per, _ = _torch_ctc(x, tl, y, yl, blank=blank, zero_infinity=zero_infinity)
+            per = per / np.maximum(yl, 1)
+            for r in ALL_REDUCTIONS:
+                got = f(x, tl, y, yl, blank_id=blank, zero_infinity=zero_infinity,
+                        reduction=r)
+                if r == "sum_and_weight":
+                    want = (per.sum(), 4.0)
+                else:
+                    want, _ = _torch_ctc(x, tl, y, yl, blank=blank, reduction=r,
+                                         zero_infinity=zero_infinity)
+                np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5,
+                                           err_msg=f"{r} {zero_infinity}")
+        # A NumPy integer blank id is static too.
+        want, _ = _torch_ctc(x, tl, y, yl, blank=blank, reduction="sum",
+                             zero_infinity=True)
+        np.testing.assert_allclose(
+            f(x, tl, y, yl, blank_id=np.int64(blank), zero_infinity=True,
+              reduction="sum"), want, rtol=2e-5)
+
+    def test_blank_id_out_of_range_raises(self):
+        x, tl, y, yl = _padded_inputs()
+        for bad in (-1, 5, 9, np.int32(5)):
+            for fn in (S.ctc_loss, lossjax.checked(S.ctc_loss)):
+                with pytest.raises(ValueError, match=r"blank_id must be in \[0, 5\)"):
+                    fn(x, tl, y, yl, blank_id=bad)
+            with pytest.raises(ValueError, match=r"blank_id must be in \[0, 5\)"):
+                S.ctc_greedy_decode(jnp.asarray(x), tl, blank_id=bad)
+        for bad in (1.0, True, jnp.int32(0)):
+            with pytest.raises(TypeError, match="blank_id must be a Python int"):
+                S.ctc_loss(x, tl, y, yl, blank_id=bad)
+        S.ctc_loss(x, tl, y, yl, blank_id=4)  # the last class is a valid blank
+
+    def test_zero_infinity_traced_bool(self):
+        x, tl, y, yl = _batch(np.random.default_rng(15), 4, 10, 5, 3, impossible=True)
+        x = x.astype(np.float32)
+        f = jax.jit(lambda v, z: S.ctc_loss(v, tl, y, yl, zero_infinity=z,
+                                            reduction="none"))
+        for z in (False, True):
+            want, _ = _torch_ctc(x, tl, y, yl, zero_infinity=z)
+            np.testing.assert_allclose(f(x, jnp.bool_(z)), want, rtol=2e-5)
+        with pytest.raises(TypeError, match="zero_infinity must be a bool"):
+            S.ctc_loss(x, tl, y, yl, zero_infinity=jnp.float32(1.0))
+
+
+class TestAxisName:
+    def test_global_mean_under_shard_map_and_pmap_vs_reference(self):
+        # "mean" over the global batch: each sequence divided by its own label
+        # length, then the weighted mean over the kept sequences of all devices.
+        from jax.sharding import PartitionSpec as P
+
+        n = jax.local_device_count()
+        x, tl, y, yl = _padded_inputs(seed=16, shape=(2 * n, 12, 5, 4))
+        bad = _pad(x, tl, -np.inf)
+        rng = np.random.default_rng(17)
+        w = rng.uniform(0.5, 2.0, 2 * n).astype(np.float32)
+        keep = rng.random(2 * n) < 0.7
+        keep[:2] = False  # the first device keeps nothing
+        nll, grad = _reference(x, tl, y, yl)
+        wk = np.where(keep, w, 0.0).astype(np.float64)
+        want = _reference_reductions(nll, yl, wk)
+        want_g = (wk / np.maximum(yl, 1) / wk.sum())[:, None, None] * grad
+
+        def per_device(v, tl, y, yl, w, keep):
+            f = lambda v: S.ctc_loss(v, tl, y, yl, weights=w, where=keep,
+                                     axis_name="data")
+            loss, g = jax.value_and_grad(f)(v)
+            pair = S.ctc_loss(v, tl, y, yl, weights=w, where=keep, axis_name="data",
+                              reduction="sum_and_weight")
+            return loss, g, pair
+
+        mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+        args = (bad, tl, y, yl, w, keep)
+        loss, g, pair = jax.jit(jax.shard_map(
+            per_device, mesh=mesh, in_specs=P("data"),
+            out_specs=(P(), P("data"), (P(), P()))))(*args)
+        np.testing.assert_allclose(loss, want["mean"], rtol=2e-5)
+        np.testing.assert_allclose(pair, want["sum_and_weight"], rtol=2e-5)
+        np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=2e-6)
+        split = lambda a: np.asarray(a).reshape((n, 2) + np.shape(a)[1:])
+        loss, g, pair = jax.pmap(per_device, axis_name="data")(*map(split, args))
+        np.testing.assert_allclose(loss, np.full(n, want["mean"]), rtol=2e-5)
+        np.testing.assert_allclose(np.stack(pair, -1),
+                                   np.tile(want["sum_and_weight"], (n, 1)), rtol=2e-5)
+        np.testing.assert_allclose(np.asarray(g).reshape(bad.shape), want_g, rtol=1e-4,
+                                   atol=2e-6)
+
+
+# --- the cross-device matrix (tests/test_matrix.py) ----------------------------------
+
+
+def _matrix_data(rng, batch, *, blank=0, fill=None):
+    """logits [batch, 12, 5], logit_lengths, labels [batch, 4], label_lengths: lengths
+    varying per sequence; with `fill`, the frames past logit_lengths hold it."""
+    x, tl, y, yl = _batch(rng, batch, 12, 5, 4, blank=blank)
+    x = x.astype(np.float32)
+    if fill is not None:
+        x = _pad(x, tl, fill)
+    return x, tl.astype(np.int32), y.astype(np.int32), yl.astype(np.int32)
+
+
+def _matrix_padded(rng, batch):
+    x, tl, y, yl = _matrix_data(rng, batch, blank=4, fill=-np.inf)
+    x[1::2] = _pad(x[1::2], tl[1::2], np.nan)  # NaN padding in every other sequence
+    return x, tl, y, yl
+
+
+MATRIX_CASES = [
+    MatrixCase("ctc_loss", _matrix_data),
+    MatrixCase("ctc_loss", _matrix_padded,
+               kwargs={"blank_id": 4, "zero_infinity": True},
+               id="blank4-nonfinite-padding"),
+]
+
+
+# --- ISSUE 11: padding, hyperparameters, checked mode, devices -----------------------
+
+ALL_REDUCTIONS = ("none", "sum", "mean", "sum_and_weight")
+
+
+def _pad_with(x, logit_lengths, fill):
+    """`x` with every frame at t >= logit_lengths replaced by `fill` ("mixed": NaN,
+    -inf and +inf in turn)."""
+    x = np.array(x, np.float32, copy=True)
+    pad = np.arange(x.shape[1])[None, :] >= np.asarray(logit_lengths)[:, None]
+    if fill == "mixed":
+        values = np.array([np.nan, -np.inf, np.inf], np.float32)
+        fills = values[np.arange(x.size).reshape(x.shape) % 3]
+        return np.where(pad[..., None], fills, x)
+    return np.where(pad[..., None], np.float32(fill), x)
+
+
+def _ref_reductions(x, tl, y, yl, *, blank=0, zero_infinity=False, where=None,
+                    weights=None):
+    """Every reduction from torch's float64 per-sequence losses (and "mean" as
+    torch: each sequence / its label length, then the weighted mean)."""
+    none, _ = _torch_ctc(x, tl, y, yl, blank=blank, zero_infinity=zero_infinity)
+    per = none / np.maximum(yl, 1)
+    kept = None if where is None else np.asarray(where)
+    w = None if weights is None else np.asarray(weights, np.float64)
+    w1 = np.ones(len(none)) if w is None else w
+    k1 = np.ones(len(none), bool) if kept is None else kept
+    return {"none": ref.reduce(none, kept=kept, weights=w, reduction="none"),
+            "sum": ref.reduce(none, kept=kept, weights=w, reduction="sum"),
+            "mean": ref.reduce(per, kept=kept, weights=w, reduction="mean"),
+            "sum_and_weight": (ref.reduce(per, kept=kept, weights=w, reduction="sum"),
+                               np.sum(np.where(k1, w1, 0.0)))}
+
+
+class TestNonFinitePadding:
+    @pytest.mark.parametrize("fill", ["nan", "-inf", "+inf", "mixed"])
+    def test_values_and_grads_equal_clean_padding(self, fill):
+        # Frames past logit_lengths holding NaN / -inf (where(mask, logits, -inf)) /
+        # +inf: the loss equals the clean-padding call and torch's, the gradient is 0
+        # and finite past the lengths and equal to the clean one elsewhere.
+        rng = np.random.default_rng(10)
+        x, tl, y, yl = _batch(rng, 6, 12, 5, 4)
+        where = np.array([True, True, False, True, True, True])
+        w = rng.uniform(0.5, 2.0, 6).astype(np.float32)
+        cot = rng.uniform(0.5, 2.0, 6).astype(np.float32)
+        bad = _pad_with(x, tl, {"nan": np.nan, "-inf": -np.inf, "+inf": np.inf}.get(
+            fill, fill))
+        bad[2] = np.nan  # an excluded sequence, NaN everywhere
+
+        @jax.jit
+        def run(v):
+            f = lambda v, r: S.ctc_loss(v, tl, y, yl, where=where, weights=w,
+                                        reduction=r)
+            values = {r: f(v, r) for r in ALL_REDUCTIONS}
+            grads = {"none": jax.grad(lambda v: jnp.sum(cot * f(v, "none")))(v),
+                     "mean": jax.grad(lambda v: f(v, "mean"))(v)}
+            return values, grads
+
+        clean_values, clean_grads = run(jnp.asarray(x, jnp.float32))
+        values, grads = run(jnp.asarray(bad))
+        want = _ref_reductions(x, tl, y, yl, where=where, weights=w)
+        pad = np.arange(12)[None, :] >= tl[:, None]
+        pad[2] = True
+        for r in ALL_REDUCTIONS:
+            np.testing.assert_array_equal(values[r], clean_values[r])
+            np.testing.assert_allclose(values[r], want[r], rtol=2e-5, atol=1e-5)
+        _, want_g = _torch_ctc(x, tl, y, yl, cotangent=cot * w * where)
+        for r, g in grads.items():
+            g = np.asarray(g)
+            assert np.all(np.isfinite(g)), r
+            assert np.all(g[pad] == 0), r
+            np.testing.assert_array_equal(g, clean_grads[r])
+        np.testing.assert_allclose(grads["none"], want_g, rtol=1e-4, atol=2e-6)
+
+    def test_checked_mode_looks_only_at_counted_frames(self):
+        rng = np.random.default_rng(11)
+        x, tl, y, yl = _batch(rng, 4, 10, 5, 3)
+        bad = _pad_with(x, tl, "mixed")
+        where = np.array([True, False, True, True])
+        f = lossjax.checked(S.ctc_loss)
+        want = _ref_reductions(x, tl, y, yl, where=where)
+        for r in ALL_REDUCTIONS:
+            np.testing.assert_allclose(f(bad, tl, y, yl, where=where, reduction=r),
+                                       want[r], rtol=2e-5, atol=1e-5)
+        # A NaN in a counted frame of an excluded sequence passes; of a kept one fails.
+        excluded = bad.copy()
+        excluded[1, 0, 0] = np.nan
+        f(excluded, tl, y, yl, where=where)
+        kept = bad.copy()
+        kept[3, tl[3] - 1, 2] = np.nan
+        with pytest.raises(AssertionError, match="ctc_loss: logits"):
+            f(kept, tl, y, yl, where=where)
+
+
+class TestHyperparametersAndChecked:
+    def test_blank_id_out_of_range_names_the_range(self):
+        x, tl, y, yl = TestContract()._inputs()
+        for bad in (-1, 5, np.int64(9)):
+            with pytest.raises(ValueError, match=r"blank_id must be in \[0, 5\)"):
+                S.ctc_loss(x, tl, y, yl, blank_id=bad)
+        for bad in (1.0, True, jnp.array(0)):
+            with pytest.raises(TypeError, match="blank_id must be a Python int"):
+                S.ctc_loss(x, tl, y, yl, blank_id=bad)
+
+    def test_zero_infinity_is_a_bool_static_or_traced(self):
+        x, tl, y, yl = (jnp.asarray(a) for a in _batch(
+            np.random.default_rng(12), 4, 10, 5, 3, impossible=True))
+        x = x.astype(jnp.float32)
+        with pytest.raises(TypeError, match="zero_infinity must be a bool"):
+            S.ctc_loss(x, tl, y, yl, zero_infinity=1)
+        traced = jax.jit(lambda z: S.ctc_loss(x, tl, y, yl, zero_infinity=z,
+                                              reduction="none"))
+        for z in (False, True):
+            want, _ = _torch_ctc(np.asarray(x), np.asarray(tl), np.asarray(y),
+                                 np.asarray(yl), zero_infinity=z)
+            np.testing.assert_allclose(traced(jnp.asarray(z)), want, rtol=2e-5)
+            np.testing.assert_array_equal(
+                traced(jnp.asarray(z)), _ours(x, tl, y, yl, zero_infinity=z,
+                                              reduction="none"))
+
+    def test_checked_with_blank_id_zero_infinity_every_reduction(self):
+        # checked() used to trace blank_id and raise ValueError for blank_id=0.
+        rng = np.random.default_rng(13)
+        f = lossjax.checked(S.ctc_loss)
+        x, tl, y, yl = _batch(rng, 4, 10, 5, 3, impossible=True)
+        x = x.astype(np.float32)
+        want = _ref_reductions(x, tl, y, yl, blank=0)
+        np.testing.assert_allclose(f(x, tl, y, yl, blank_id=0, reduction="none"),
+                                   want["none"], rtol=2e-5)
+        x, tl, y, yl = _batch(rng, 4, 10, 5, 3, blank=4, impossible=True)
+        x = x.astype(np.float32)
+        for z in (False, True):
+            want = _ref_reductions(x, tl, y, yl, blank=4, zero_infinity=z)
+            for r in ALL_REDUCTIONS:
+                np.testing.assert_allclose(
+                    f(x, tl, y, yl, blank_id=4, zero_infinity=z, reduction=r),
+                    want[r], rtol=2e-5, atol=1e-5, err_msg=f"{r} {z}")
+
+    def test_sum_and_weight_accumulates_micro_batches_exactly(self):
+        rng = np.random.default_rng(14)
+        x, tl, y, yl = _batch(rng, 8, 10, 5, 3)
+        x = x.astype(np.float32)
+        w = rng.uniform(0.5, 2.0, 8).astype(np.float32)
+        parts = [_ours(x[s], tl[s], y[s], yl[s], weights=w[s],
+                       reduction="sum_and_weight") for s in (slice(0, 3), slice(3, 8))]
+        total = sum(p[0] for p in parts) / sum(p[1] for p in parts)
+        np.testing.assert_allclose(total, _ref_reductions(x, tl, y, yl, weights=w)[
+            "mean"], rtol=2e-5)
+
+
+class TestAxisName:
+    """"mean" (per-sequence / label length, then the weighted mean) and "sum" over
+    the global batch with axis_name, vs torch on the concatenated batch."""
+
+    def _global(self):
+        n = jax.local_device_count()
+        rng = np.random.default_rng(15)
+        x, tl, y, yl = _batch(rng, 2 * n, 8, 4, 3)
+        where = rng.random(2 * n) < 0.7
+        where[:2] = False  # the first device keeps nothing
+        w = rng.uniform(0.5, 2.0, 2 * n).astype(np.float32)
+        return n, x.astype(np.float32), tl, y, yl, where, w
+
+    def _want(self, x, tl, y, yl, where, w):
+        want = _ref_reductions(x, tl, y, yl, where=where, weights=w)
+        none, _ = _torch_ctc(x, tl, y, yl)
+        denom = np.sum(w * where)
+        _, g_mean = _torch_ctc(x, tl, y, yl,
+                               cotangent=w * where / np.maximum(yl, 1) / denom)
+        _, g_sum = _torch_ctc(x, tl, y, yl, cotangent=w * where)
+        return want, {"mean": g_mean, "sum": g_sum}
+
+    def _loss(self, x, tl, y, yl, where, w, r, axis_name):
+        return S.ctc_loss(x, tl, y, yl, where=where, weights=w, reduction=r,
+                          axis_name=axis_name)
+
+    def test_shard_map(self):
+        from jax.sharding import PartitionSpec as P
+
+        n, *data = self._global()
+        mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+        def per_device(*a):
+            out = {r: self._loss(*a, r, "data") for r in ("sum", "mean")}
+            grads = {r: jax.grad(lambda v: self._loss(v, *a[1:], r, "data"))(a[0])
+                     for r in ("sum", "mean")}
+            return out, grads
+
+        out, grads = jax.jit(jax.shard_map(
+            per_device, mesh=mesh, in_specs=P("data"),
+            out_specs=({"sum": P(), "mean": P()}, P("data"))))(*data)
+        want, want_g = self._want(*data)
+        for r in ("sum", "mean"):
+            np.testing.assert_allclose(out[r], want[r], rtol=2e-5)
+            np.testing.assert_allclose(grads[r], want_g[r], rtol=1e-4, atol=2e-6)
+
+    def test_pmap(self):
+        n, *data = self._global()
+        split = lambda a: np.asarray(a).reshape((n, 2) + np.shape(a)[1:])
+
+        def per_device(*a):
+            return {r: jax.value_and_grad(
+                lambda v: self._loss(v, *a[1:], r, "data"))(a[0])
+                for r in ("sum", "mean")}
+
+        got = jax.pmap(per_device, axis_name="data")(*map(split, data))
+        want, want_g = self._want(*data)
+        for r in ("sum", "mean"):
+            value, grad = got[r]
+            np.testing.assert_allclose(value, np.full(n, want[r]), rtol=2e-5)
+            np.testing.assert_allclose(np.asarray(grad).reshape(want_g[r].shape),
+                                       want_g[r], rtol=1e-4, atol=2e-6)
+
+
+def _matrix_data(fill, blank, impossible):
+    def data(rng, batch):
+        x, tl, y, yl = _batch(rng, batch, 12, 5, 4, blank=blank, impossible=impossible)
+        return (_pad_with(x, tl, fill), tl.astype(np.int32),
+                np.where(y < 0, blank, y).astype(np.int32), yl.astype(np.int32))
+    return data
+
+
+MATRIX_CASES = [
+    # The usual where(mask, logits, -inf) padding past logit_lengths.
+    MatrixCase("ctc_loss", _matrix_data(-np.inf, 0, False), kwargs={"blank_id": 0},
+               id="neg_inf_padding"),
+    # The last class as blank, an impossible sequence zeroed, NaN/+-inf padding.
+    MatrixCase("ctc_loss", _matrix_data("mixed", 4, True),
+               kwargs={"blank_id": 4, "zero_infinity": True}, id="zero_infinity"),
+]
