@@ -13,7 +13,13 @@ import jax
 import jax.numpy as jnp
 
 from lossjax import _checks
-from lossjax._reduce import compute_dtype, kept_mask, reduce_loss, sanitize
+from lossjax._reduce import (
+    AxisName,
+    compute_dtype,
+    kept_mask,
+    reduce_loss,
+    sanitize,
+)
 
 __all__ = ["kl_divergence", "kl_divergence_with_logits", "js_divergence"]
 LOSS_NAMES = tuple(__all__)
@@ -68,6 +74,7 @@ def kl_divergence(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
+    axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Kullback-Leibler divergence KL(targets || predictions) along `axis`.
 
@@ -97,11 +104,17 @@ def kl_divergence(
         softmax teacher; torch's `log_target`).
       where: bool, broadcastable to the loss shape; False entries count for nothing.
       weights: float, broadcastable to the loss shape; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (the pair
+        (sum, weight) that "mean" divides, see `lossjax.reduce_loss`).
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is
+        sharded; "sum"/"mean" are then over the global batch, with exact
+        values and gradients under shard_map and pmap; "none" stays local
+        (the README's contract).
 
     Returns:
       "none": the loss shape (`log_predictions.shape` without `axis`); "sum", "mean":
-      a scalar. dtype `promote_types(log_predictions.dtype, float32)`.
+      a scalar, "sum_and_weight" a pair of scalars.
+      dtype `promote_types(log_predictions.dtype, float32)`.
 
     Example:
       >>> import jax, jax.numpy as jnp, lossjax
@@ -134,8 +147,10 @@ def kl_divergence(
     dtype = compute_dtype(lp, t)
     lp = sanitize(lp, kept, 0, axis=-1).astype(dtype)
     t = sanitize(t, kept, 0, axis=-1).astype(dtype)
-    # Zero-probability classes take the constant 0 branch of `_kl_term`: their -inf
-    # logs (and the infinite slope of t log t at 0) reach neither value nor gradient.
+    # Excluded entries were sanitized above; zero-probability classes of kept entries
+    # are not (log_q may stay -inf): `_kl_term`'s custom JVP keeps them exact.
+    # They take its constant 0 branch: their -inf logs (and the infinite slope of
+    # t log t at 0) reach neither value nor gradient.
     if log_targets:
         pos = t != -jnp.inf
         term = _kl_term(jnp.exp(t), jnp.where(pos, t, 0.0), lp, pos)
@@ -144,7 +159,7 @@ def kl_divergence(
         pos = t != 0
         term = _kl_term(t, jnp.log(jnp.where(pos, t, 1.0)), lp, pos)
     return reduce_loss(jnp.sum(term, axis=-1), kept=kept, weights=weights,
-                       reduction=reduction)
+                       reduction=reduction, axis_name=axis_name)
 
 
 def kl_divergence_with_logits(
@@ -155,6 +170,7 @@ def kl_divergence_with_logits(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
+    axis_name: AxisName = None,
 ) -> jax.Array:
     r"""KL(p || q) between `p = softmax(logits_p)` and `q = softmax(logits_q)`.
 
@@ -183,11 +199,17 @@ def kl_divergence_with_logits(
       axis: the class axis; it is absent from the loss shape.
       where: bool, broadcastable to the loss shape; False entries count for nothing.
       weights: float, broadcastable to the loss shape; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (the pair
+        (sum, weight) that "mean" divides, see `lossjax.reduce_loss`).
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is
+        sharded; "sum"/"mean" are then over the global batch, with exact
+        values and gradients under shard_map and pmap; "none" stays local
+        (the README's contract).
 
     Returns:
       "none": the loss shape (`logits_p.shape` without `axis`); "sum", "mean": a
-      scalar. dtype `promote_types(logits_p.dtype, float32)`.
+      scalar, "sum_and_weight" a pair of scalars.
+      dtype `promote_types(logits_p.dtype, float32)`.
 
     Example:
       >>> import jax.numpy as jnp, lossjax
@@ -211,7 +233,8 @@ def kl_divergence_with_logits(
     # exp(log_p) underflows to exactly 0 for hopeless classes, where the finite
     # difference of logs it multiplies keeps 0 * finite = 0.
     entry = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
-    return reduce_loss(entry, kept=kept, weights=weights, reduction=reduction)
+    return reduce_loss(entry, kept=kept, weights=weights, reduction=reduction,
+                       axis_name=axis_name)
 
 
 def js_divergence(
@@ -222,6 +245,7 @@ def js_divergence(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
+    axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Jensen-Shannon divergence between `softmax(logits_p)` and `softmax(logits_q)`.
 
@@ -245,11 +269,17 @@ def js_divergence(
       axis: the class axis; it is absent from the loss shape.
       where: bool, broadcastable to the loss shape; False entries count for nothing.
       weights: float, broadcastable to the loss shape; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (the pair
+        (sum, weight) that "mean" divides, see `lossjax.reduce_loss`).
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is
+        sharded; "sum"/"mean" are then over the global batch, with exact
+        values and gradients under shard_map and pmap; "none" stays local
+        (the README's contract).
 
     Returns:
       "none": the loss shape (`logits_p.shape` without `axis`), values in
-      [0, log 2]; "sum", "mean": a scalar. dtype `promote_types(logits_p.dtype,
+      [0, log 2]; "sum", "mean": a scalar, "sum_and_weight" a
+      pair of scalars. dtype `promote_types(logits_p.dtype,
       float32)`.
 
     Example:
@@ -274,4 +304,5 @@ def js_divergence(
     log_m = jnp.logaddexp(log_p, log_q) - math.log(2.0)
     entry = 0.5 * jnp.sum(
         jnp.exp(log_p) * (log_p - log_m) + jnp.exp(log_q) * (log_q - log_m), axis=-1)
-    return reduce_loss(entry, kept=kept, weights=weights, reduction=reduction)
+    return reduce_loss(entry, kept=kept, weights=weights, reduction=reduction,
+                       axis_name=axis_name)

@@ -9,6 +9,11 @@ first; over a whole array that gives the same "mean"). "mean" equals torch's
 trace time. torch broadcasts them with a warning, which turns a `[batch, 1]` against
 `[batch]` slip into a `[batch, batch]` loss; `where` and `weights` are the ways to
 broadcast here, and `gaussian_nll`'s `variance` takes the shapes torch accepts.
+
+Float hyperparameters (`delta`, `beta`, `quantile`, `eps`) follow one policy: a Python
+number out of range raises ValueError when the loss is called, naming the argument
+and its range; a JAX array (a schedule under `jit`, a learnable value) is taken as it
+is, with its gradient, and is never branched on in Python.
 """
 
 from __future__ import annotations
@@ -19,7 +24,13 @@ import jax
 import jax.numpy as jnp
 
 from lossjax import _checks
-from lossjax._reduce import compute_dtype, kept_mask, reduce_loss, sanitize
+from lossjax._reduce import (
+    AxisName,
+    compute_dtype,
+    kept_mask,
+    reduce_loss,
+    sanitize,
+)
 
 __all__ = [
     "squared_error",
@@ -35,6 +46,18 @@ __all__ = [
     "cosine_similarity_loss",
 ]
 LOSS_NAMES = tuple(__all__)
+
+
+def _hyper(value, dtype):
+    """A float hyperparameter in the math's dtype.
+
+    A Python number stays as it is (weakly typed, so it follows the data's dtype); an
+    array, traced or not, is cast to `dtype`, which keeps the loss's dtype rule and
+    lets its gradient flow.
+    """
+    if type(value) in (int, float):
+        return value
+    return jnp.asarray(value).astype(dtype)
 
 
 def _setup(loss: str, predictions, targets, where):
@@ -63,6 +86,7 @@ def squared_error(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
+    axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Squared error (the L2 / MSE loss).
 
@@ -79,10 +103,16 @@ def squared_error(
       targets: float, the shape of `predictions`.
       where: bool, broadcastable to `[...]`; False entries count for nothing.
       weights: float, broadcastable to `[...]`; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (the pair
+        (sum, weight) that "mean" divides, see `lossjax.reduce_loss`).
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is
+        sharded; "sum"/"mean" are then over the global batch, with exact
+        values and gradients under shard_map and pmap; "none" stays local
+        (the README's contract).
 
     Returns:
-      "none": `[...]` (the shape of `predictions`); "sum", "mean": a scalar.
+      "none": `[...]` (the shape of `predictions`); "sum", "mean": a scalar,
+      "sum_and_weight" a pair of scalars.
       dtype `promote_types(predictions.dtype, float32)`.
 
     Example:
@@ -93,7 +123,8 @@ def squared_error(
     See also: `absolute_error`, `huber_loss`, `log_cosh`.
     """
     p, t, kept = _setup("squared_error", predictions, targets, where)
-    return reduce_loss((p - t) ** 2, kept=kept, weights=weights, reduction=reduction)
+    return reduce_loss((p - t) ** 2, kept=kept, weights=weights,
+                       reduction=reduction, axis_name=axis_name)
 
 
 def absolute_error(
@@ -103,6 +134,7 @@ def absolute_error(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
+    axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Absolute error (the L1 / MAE loss).
 
@@ -118,11 +150,16 @@ def absolute_error(
       targets: float, the shape of `predictions`.
       where: bool, broadcastable to `[...]`; False entries count for nothing.
       weights: float, broadcastable to `[...]`; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (the pair
+        (sum, weight) that "mean" divides, see `lossjax.reduce_loss`).
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is
+        sharded; "sum"/"mean" are then over the global batch, with exact
+        values and gradients under shard_map and pmap; "none" stays local
+        (the README's contract).
 
     Returns:
-      "none": `[...]`; "sum", "mean": a scalar. dtype
-      `promote_types(predictions.dtype, float32)`.
+      "none": `[...]`; "sum", "mean": a scalar, "sum_and_weight" a
+      pair of scalars. dtype `promote_types(predictions.dtype, float32)`.
 
     Example:
       >>> import jax.numpy as jnp, lossjax
@@ -132,14 +169,8 @@ def absolute_error(
     See also: `squared_error`, `smooth_l1_loss`, `quantile_loss`.
     """
     p, t, kept = _setup("absolute_error", predictions, targets, where)
-    return reduce_loss(jnp.abs(p - t), kept=kept, weights=weights, reduction=reduction)
-
-
-def _check_positive(name: str, value, *, allow_zero: bool) -> None:
-    too_small = value < 0 or (value == 0 and not allow_zero)
-    if isinstance(value, (int, float)) and too_small:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be {bound}, got {value}.")
+    return reduce_loss(jnp.abs(p - t), kept=kept, weights=weights,
+                       reduction=reduction, axis_name=axis_name)
 
 
 def huber_loss(
@@ -150,6 +181,7 @@ def huber_loss(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
+    axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Huber loss: quadratic for small errors, linear (slope `delta`) for large ones.
 
@@ -164,14 +196,20 @@ def huber_loss(
     Args:
       predictions: float, any shape `[...]`.
       targets: float, the shape of `predictions`.
-      delta: > 0, where the loss turns from quadratic to linear.
+      delta: > 0, where the loss turns from quadratic to linear; may be a traced
+        array.
       where: bool, broadcastable to `[...]`; False entries count for nothing.
       weights: float, broadcastable to `[...]`; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (the pair
+        (sum, weight) that "mean" divides, see `lossjax.reduce_loss`).
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is
+        sharded; "sum"/"mean" are then over the global batch, with exact
+        values and gradients under shard_map and pmap; "none" stays local
+        (the README's contract).
 
     Returns:
-      "none": `[...]`; "sum", "mean": a scalar. dtype
-      `promote_types(predictions.dtype, float32)`.
+      "none": `[...]`; "sum", "mean": a scalar, "sum_and_weight" a
+      pair of scalars. dtype `promote_types(predictions.dtype, float32)`.
 
     Example:
       >>> import jax.numpy as jnp, lossjax
@@ -183,8 +221,9 @@ def huber_loss(
 
     See also: `smooth_l1_loss`, `log_cosh`, `squared_error`.
     """
-    _check_positive("delta", delta, allow_zero=False)
+    _checks.check_range("delta", delta, low=0, low_open=True)
     p, t, kept = _setup("huber_loss", predictions, targets, where)
+    delta = _hyper(delta, p.dtype)
     d = p - t
     a = jnp.abs(d)
     # The select is on purpose: XLA:CPU fuses a select-free elementwise chain into
@@ -193,7 +232,8 @@ def huber_loss(
     # and only the sum goes to the library. d * d in the unselected branch may be
     # inf only where d is huge, and the select's gradient then multiplies finite d.
     loss = jnp.where(a < delta, 0.5 * d * d, delta * (a - 0.5 * delta))
-    return reduce_loss(loss, kept=kept, weights=weights, reduction=reduction)
+    return reduce_loss(loss, kept=kept, weights=weights, reduction=reduction,
+                       axis_name=axis_name)
 
 
 def smooth_l1_loss(
@@ -204,6 +244,7 @@ def smooth_l1_loss(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
+    axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Smooth L1 loss: quadratic below `beta`, then L1 (slope 1).
 
@@ -218,14 +259,20 @@ def smooth_l1_loss(
     Args:
       predictions: float, any shape `[...]`.
       targets: float, the shape of `predictions`.
-      beta: >= 0, where the loss turns from quadratic to linear; 0 gives L1.
+      beta: >= 0, where the loss turns from quadratic to linear; 0 gives L1. May
+        be a traced array (a traced 0 gives L1 too, with a finite gradient).
       where: bool, broadcastable to `[...]`; False entries count for nothing.
       weights: float, broadcastable to `[...]`; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (the pair
+        (sum, weight) that "mean" divides, see `lossjax.reduce_loss`).
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is
+        sharded; "sum"/"mean" are then over the global batch, with exact
+        values and gradients under shard_map and pmap; "none" stays local
+        (the README's contract).
 
     Returns:
-      "none": `[...]`; "sum", "mean": a scalar. dtype
-      `promote_types(predictions.dtype, float32)`.
+      "none": `[...]`; "sum", "mean": a scalar, "sum_and_weight" a
+      pair of scalars. dtype `promote_types(predictions.dtype, float32)`.
 
     Example:
       >>> import jax.numpy as jnp, lossjax
@@ -237,17 +284,25 @@ def smooth_l1_loss(
 
     See also: `huber_loss`, `absolute_error`.
     """
-    _check_positive("beta", beta, allow_zero=True)
+    _checks.check_range("beta", beta, low=0)
     p, t, kept = _setup("smooth_l1_loss", predictions, targets, where)
     d = p - t
     a = jnp.abs(d)
-    if isinstance(beta, (int, float)) and beta == 0:
+    if _checks.is_zero(beta):
         loss = a  # torch's special case: the quadratic piece would divide by 0
     else:
         # As in `huber_loss` (one loop, then the sum); one constant multiply rather
-        # than a division per entry.
-        loss = jnp.where(a < beta, (0.5 / beta) * (d * d), a - 0.5 * beta)
-    return reduce_loss(loss, kept=kept, weights=weights, reduction=reduction)
+        # than a division per entry. A traced beta may be 0: a < 0 never holds, so the
+        # loss is exactly |d|, and 1 / beta is taken at a safe 1 there (its unselected
+        # branch then has a finite value and gradient, and beta's gradient is -1/2).
+        beta = _hyper(beta, p.dtype)
+        if isinstance(beta, jax.Array):
+            inv = 0.5 / jnp.where(beta > 0, beta, 1.0)
+        else:
+            inv = 0.5 / beta
+        loss = jnp.where(a < beta, inv * (d * d), a - 0.5 * beta)
+    return reduce_loss(loss, kept=kept, weights=weights, reduction=reduction,
+                       axis_name=axis_name)
 
 
 def log_cosh(
@@ -257,6 +312,7 @@ def log_cosh(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
+    axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Log-cosh loss: like squared error near 0, like absolute error far away.
 
@@ -276,11 +332,16 @@ def log_cosh(
       targets: float, the shape of `predictions`.
       where: bool, broadcastable to `[...]`; False entries count for nothing.
       weights: float, broadcastable to `[...]`; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (the pair
+        (sum, weight) that "mean" divides, see `lossjax.reduce_loss`).
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is
+        sharded; "sum"/"mean" are then over the global batch, with exact
+        values and gradients under shard_map and pmap; "none" stays local
+        (the README's contract).
 
     Returns:
-      "none": `[...]`; "sum", "mean": a scalar. dtype
-      `promote_types(predictions.dtype, float32)`.
+      "none": `[...]`; "sum", "mean": a scalar, "sum_and_weight" a
+      pair of scalars. dtype `promote_types(predictions.dtype, float32)`.
 
     Example:
       >>> import jax.numpy as jnp, lossjax
@@ -301,7 +362,8 @@ def log_cosh(
     m = jnp.minimum(a, cap)
     u = jnp.expm1(m)
     loss = jnp.log1p(u * u / (2.0 * (1.0 + u))) + (a - m)
-    return reduce_loss(loss, kept=kept, weights=weights, reduction=reduction)
+    return reduce_loss(loss, kept=kept, weights=weights, reduction=reduction,
+                       axis_name=axis_name)
 
 
 def poisson_nll(
@@ -314,6 +376,7 @@ def poisson_nll(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
+    axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Poisson negative log-likelihood of count targets.
 
@@ -338,15 +401,21 @@ def poisson_nll(
       targets: float counts >= 0, the shape of `predictions`.
       log_input: whether `predictions` are log-rates.
       full: whether to add the Stirling term, making the loss the full NLL.
-      eps: added to the rate inside the log when `log_input=False` (torch's default).
+      eps: > 0, added to the rate inside the log when `log_input=False` (torch's
+        default); may be a traced array.
       where: bool, broadcastable to `[...]`; False entries count for nothing.
       weights: float, broadcastable to `[...]`; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (the pair
+        (sum, weight) that "mean" divides, see `lossjax.reduce_loss`).
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is
+        sharded; "sum"/"mean" are then over the global batch, with exact
+        values and gradients under shard_map and pmap; "none" stays local
+        (the README's contract).
 
     Returns:
-      "none": `[...]`; "sum", "mean": a scalar. dtype
-      `promote_types(predictions.dtype, float32)`. Checked mode asserts targets >= 0
-      (and rates >= 0 when `log_input=False`).
+      "none": `[...]`; "sum", "mean": a scalar, "sum_and_weight" a
+      pair of scalars. dtype `promote_types(predictions.dtype, float32)`.
+      Checked mode asserts targets >= 0 (and rates >= 0 when `log_input=False`).
 
     Example:
       >>> import jax.numpy as jnp, lossjax
@@ -356,7 +425,9 @@ def poisson_nll(
 
     See also: `gaussian_nll`.
     """
+    _checks.check_range("eps", eps, low=0, low_open=True)
     p, t, kept = _setup("poisson_nll", predictions, targets, where)
+    eps = _hyper(eps, p.dtype)
     _checks.assert_values("poisson_nll", "targets must be >= 0.", targets >= 0, kept)
     if log_input:
         loss = jnp.exp(p) - t * p
@@ -372,7 +443,8 @@ def poisson_nll(
         ts = jnp.where(big, t, 2.0)
         stirling = ts * jnp.log(ts) - ts + 0.5 * jnp.log(2.0 * math.pi * ts)
         loss = loss + jnp.where(big, stirling, 0.0)
-    return reduce_loss(loss, kept=kept, weights=weights, reduction=reduction)
+    return reduce_loss(loss, kept=kept, weights=weights, reduction=reduction,
+                       axis_name=axis_name)
 
 
 def _variance_to_shape(variance, shape: tuple[int, ...]) -> jax.Array:
@@ -409,6 +481,7 @@ def gaussian_nll(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
+    axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Gaussian negative log-likelihood with a predicted (or given) variance.
 
@@ -438,13 +511,19 @@ def gaussian_nll(
       targets: float, the shape of `predictions`.
       variance: float >= 0, see above for its shapes.
       full: whether to add the constant `log(2 pi) / 2`.
-      eps: the variance's lower clamp (torch's default).
+      eps: > 0, the variance's lower clamp (torch's default); may be a traced array.
       where: bool, broadcastable to `[...]`; False entries count for nothing.
       weights: float, broadcastable to `[...]`; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (the pair
+        (sum, weight) that "mean" divides, see `lossjax.reduce_loss`).
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is
+        sharded; "sum"/"mean" are then over the global batch, with exact
+        values and gradients under shard_map and pmap; "none" stays local
+        (the README's contract).
 
     Returns:
-      "none": `[...]`; "sum", "mean": a scalar. dtype
+      "none": `[...]`; "sum", "mean": a scalar, "sum_and_weight" a
+      pair of scalars. dtype
       `promote_types(predictions.dtype, variance.dtype, float32)`.
 
     Example:
@@ -459,6 +538,7 @@ def gaussian_nll(
 
     See also: `poisson_nll`, `squared_error`.
     """
+    _checks.check_range("eps", eps, low=0, low_open=True)
     predictions = jnp.asarray(predictions)
     variance = _variance_to_shape(variance, jnp.shape(predictions))
     p, t, kept = _setup("gaussian_nll", predictions, targets, where)
@@ -468,13 +548,16 @@ def gaussian_nll(
     p, t = p.astype(v.dtype), t.astype(v.dtype)
     negative = v < 0
     # torch's `with no_grad(): var.clamp_(min=eps)`: below eps the value is eps but
-    # d(clamped)/d(variance) stays 1, so the formula's gradient at eps flows through.
-    v = jnp.where(v < eps, v + jax.lax.stop_gradient(eps - v), v)
+    # d(clamped)/d(variance) stays 1, so the formula's gradient at eps flows through
+    # (and a traced eps gets its own gradient, 1, there).
+    eps = _hyper(eps, v.dtype)
+    v = jnp.where(v < eps, eps + (v - jax.lax.stop_gradient(v)), v)
     loss = 0.5 * (jnp.log(v) + (p - t) ** 2 / v)
     if full:
         loss = loss + 0.5 * math.log(2.0 * math.pi)
     loss = jnp.where(negative, jnp.nan, loss)
-    return reduce_loss(loss, kept=kept, weights=weights, reduction=reduction)
+    return reduce_loss(loss, kept=kept, weights=weights, reduction=reduction,
+                       axis_name=axis_name)
 
 
 def quantile_loss(
@@ -485,6 +568,7 @@ def quantile_loss(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
+    axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Quantile (pinball) loss: its minimizer is the `quantile`-quantile of the target.
 
@@ -498,14 +582,19 @@ def quantile_loss(
     Args:
       predictions: float, any shape `[...]`.
       targets: float, the shape of `predictions`.
-      quantile: q in [0, 1].
+      quantile: q in (0, 1); may be a traced array.
       where: bool, broadcastable to `[...]`; False entries count for nothing.
       weights: float, broadcastable to `[...]`; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (the pair
+        (sum, weight) that "mean" divides, see `lossjax.reduce_loss`).
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is
+        sharded; "sum"/"mean" are then over the global batch, with exact
+        values and gradients under shard_map and pmap; "none" stays local
+        (the README's contract).
 
     Returns:
-      "none": `[...]`; "sum", "mean": a scalar. dtype
-      `promote_types(predictions.dtype, float32)`.
+      "none": `[...]`; "sum", "mean": a scalar, "sum_and_weight" a
+      pair of scalars. dtype `promote_types(predictions.dtype, float32)`.
 
     Example:
       >>> import jax.numpy as jnp, lossjax
@@ -518,12 +607,14 @@ def quantile_loss(
 
     See also: `absolute_error`.
     """
-    if isinstance(quantile, (int, float)) and not 0 <= quantile <= 1:
-        raise ValueError(f"quantile must lie in [0, 1], got {quantile}.")
+    _checks.check_range("quantile", quantile, low=0, high=1, low_open=True,
+                        high_open=True)
     p, t, kept = _setup("quantile_loss", predictions, targets, where)
+    quantile = _hyper(quantile, p.dtype)
     r = t - p
     loss = jnp.maximum(quantile * r, (quantile - 1.0) * r)
-    return reduce_loss(loss, kept=kept, weights=weights, reduction=reduction)
+    return reduce_loss(loss, kept=kept, weights=weights, reduction=reduction,
+                       axis_name=axis_name)
 
 
 def mean_absolute_percentage_error(
@@ -534,6 +625,7 @@ def mean_absolute_percentage_error(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
+    axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Absolute percentage error, Keras's MAPE (in percent).
 
@@ -548,14 +640,20 @@ def mean_absolute_percentage_error(
     Args:
       predictions: float, any shape `[...]`.
       targets: float, the shape of `predictions`; best kept away from 0.
-      eps: the floor on `|targets|` (Keras's `backend.epsilon()`).
+      eps: > 0, the floor on `|targets|` (Keras's `backend.epsilon()`); may be a
+        traced array.
       where: bool, broadcastable to `[...]`; False entries count for nothing.
       weights: float, broadcastable to `[...]`; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (the pair
+        (sum, weight) that "mean" divides, see `lossjax.reduce_loss`).
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is
+        sharded; "sum"/"mean" are then over the global batch, with exact
+        values and gradients under shard_map and pmap; "none" stays local
+        (the README's contract).
 
     Returns:
-      "none": `[...]`; "sum", "mean": a scalar. dtype
-      `promote_types(predictions.dtype, float32)`.
+      "none": `[...]`; "sum", "mean": a scalar, "sum_and_weight" a
+      pair of scalars. dtype `promote_types(predictions.dtype, float32)`.
 
     Example:
       >>> import jax.numpy as jnp, lossjax
@@ -565,9 +663,12 @@ def mean_absolute_percentage_error(
 
     See also: `absolute_error`, `squared_log_error`.
     """
+    _checks.check_range("eps", eps, low=0, low_open=True)
     p, t, kept = _setup("mean_absolute_percentage_error", predictions, targets, where)
+    eps = _hyper(eps, p.dtype)
     loss = 100.0 * jnp.abs(t - p) / jnp.maximum(jnp.abs(t), eps)
-    return reduce_loss(loss, kept=kept, weights=weights, reduction=reduction)
+    return reduce_loss(loss, kept=kept, weights=weights, reduction=reduction,
+                       axis_name=axis_name)
 
 
 def squared_log_error(
@@ -577,6 +678,7 @@ def squared_log_error(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
+    axis_name: AxisName = None,
 ) -> jax.Array:
     r"""Squared logarithmic error, Keras's MSLE.
 
@@ -594,11 +696,16 @@ def squared_log_error(
       targets: float, the shape of `predictions`.
       where: bool, broadcastable to `[...]`; False entries count for nothing.
       weights: float, broadcastable to `[...]`; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (the pair
+        (sum, weight) that "mean" divides, see `lossjax.reduce_loss`).
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is
+        sharded; "sum"/"mean" are then over the global batch, with exact
+        values and gradients under shard_map and pmap; "none" stays local
+        (the README's contract).
 
     Returns:
-      "none": `[...]`; "sum", "mean": a scalar. dtype
-      `promote_types(predictions.dtype, float32)`.
+      "none": `[...]`; "sum", "mean": a scalar, "sum_and_weight" a
+      pair of scalars. dtype `promote_types(predictions.dtype, float32)`.
 
     Example:
       >>> import jax.numpy as jnp, lossjax
@@ -611,7 +718,8 @@ def squared_log_error(
     p, t, kept = _setup("squared_log_error", predictions, targets, where)
     # log1p is exact near 0, where log(1 + x) loses the digits of small values.
     d = jnp.log1p(jnp.maximum(p, 0.0)) - jnp.log1p(jnp.maximum(t, 0.0))
-    return reduce_loss(d**2, kept=kept, weights=weights, reduction=reduction)
+    return reduce_loss(d**2, kept=kept, weights=weights, reduction=reduction,
+                       axis_name=axis_name)
 
 
 def _norm_clamped(x: jax.Array, eps: float) -> jax.Array:
@@ -624,7 +732,7 @@ def _norm_clamped(x: jax.Array, eps: float) -> jax.Array:
     sq = jnp.sum(x * x, axis=-1, keepdims=True)
     pos = sq > 0
     n = jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
-    return jnp.where(n < eps, n + jax.lax.stop_gradient(eps - n), n)
+    return jnp.where(n < eps, eps + (n - jax.lax.stop_gradient(n)), n)
 
 
 def cosine_similarity_loss(
@@ -636,6 +744,7 @@ def cosine_similarity_loss(
     where: jax.Array | None = None,
     weights: jax.Array | None = None,
     reduction: str = "mean",
+    axis_name: AxisName = None,
 ) -> jax.Array:
     r"""One minus the cosine similarity of two vectors along `axis`.
 
@@ -654,14 +763,21 @@ def cosine_similarity_loss(
       predictions: float, `[..., dim, ...]` with the vector on `axis`.
       targets: float, the shape of `predictions`.
       axis: the vector axis; it is absent from the loss shape.
-      eps: the floor on each vector's norm (torch's default).
+      eps: > 0, the floor on each vector's norm (torch's default); may be a traced
+        array.
       where: bool, broadcastable to the loss shape; False entries count for nothing.
       weights: float, broadcastable to the loss shape; per-entry weights.
-      reduction: "none", "sum" or "mean".
+      reduction: "none", "sum", "mean" or "sum_and_weight" (the pair
+        (sum, weight) that "mean" divides, see `lossjax.reduce_loss`).
+      axis_name: the mesh / pmap axis (or tuple) over which the batch is
+        sharded; "sum"/"mean" are then over the global batch, with exact
+        values and gradients under shard_map and pmap; "none" stays local
+        (the README's contract).
 
     Returns:
       "none": the loss shape (`predictions.shape` without `axis`); "sum", "mean": a
-      scalar. dtype `promote_types(predictions.dtype, float32)`.
+      scalar, "sum_and_weight" a pair of scalars.
+      dtype `promote_types(predictions.dtype, float32)`.
 
     Example:
       >>> import jax.numpy as jnp, lossjax
@@ -672,6 +788,7 @@ def cosine_similarity_loss(
 
     See also: `squared_error`, `kl_divergence`.
     """
+    _checks.check_range("eps", eps, low=0, low_open=True)
     predictions, targets = jnp.asarray(predictions), jnp.asarray(targets)
     _checks.check_float("predictions", predictions)
     _checks.check_float("targets", targets)
@@ -689,6 +806,8 @@ def cosine_similarity_loss(
     t = sanitize(t, kept, 0, axis=-1).astype(dtype)
     # (p . t) / (|p| |t|) equals the sum of the normalized vectors' products with
     # one division per vector instead of two per element.
+    eps = _hyper(eps, dtype)
     norms = (_norm_clamped(p, eps) * _norm_clamped(t, eps))[..., 0]
     cos = jnp.sum(p * t, axis=-1) / norms
-    return reduce_loss(1.0 - cos, kept=kept, weights=weights, reduction=reduction)
+    return reduce_loss(1.0 - cos, kept=kept, weights=weights,
+                       reduction=reduction, axis_name=axis_name)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import references as ref
 from loss_cases import check_shard_map as _check_shard_map
+from loss_cases import MatrixCase
 from loss_cases import evaluate as _evaluate
 from loss_cases import jit_case as _jit
 import torch
@@ -431,8 +432,10 @@ class TestKL:
             f = jax.jit(jax.value_and_grad(functools.partial(
                 D.kl_divergence, log_targets=True, reduction="sum"), argnums=(0, 1)))
             value, (g_log_q, g_log_t) = f(log_q, log_t)
-            want = D.kl_divergence(np.where(np.isinf(log_q), 0.0, log_q),
-                                   np.exp(log_t), reduction="sum")
+        # The float64 reference (0 log 0 = 0 where the log-target is -inf), not the
+        # loss itself.
+        want = ref.kl_divergence(log_q, log_t, log_targets=True).sum()
+        assert np.isfinite(want) and want > 0
         np.testing.assert_allclose(value, want, rtol=1e-12)
         np.testing.assert_array_equal(g_log_q, -np.exp(log_t))
         np.testing.assert_array_equal(g_log_t[np.isinf(log_t)], 0.0)
@@ -486,3 +489,81 @@ def test_registry():
         assert lossjax.get(name) is getattr(D, name)
         assert lossjax.family_of(name) == "divergence"
     assert set(D.LOSS_NAMES) == set(D.__all__)
+
+
+# --- ISSUE 11: checked mode with keywords, sum_and_weight, axis_name ------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_checked_mode_with_documented_keywords(case):
+    """`checked(loss)` takes the loss's own keywords (axis, log_targets, reduction)."""
+    data = _f32(case.data(_shape(case)))
+    f = lossjax.checked(case.fn)
+    for reduction in ("none", "sum", "mean"):
+        np.testing.assert_allclose(
+            f(*data, **case.kwargs, reduction=reduction),
+            ref.reduce(case.reference(*data), reduction=reduction), rtol=2e-5,
+            atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_sum_and_weight_matches_reference(case):
+    rng = np.random.default_rng(11)
+    data = _f32(case.data(_shape(case)))
+    lshape = case.loss_shape(_shape(case))
+    where = rng.random(lshape) < 0.7
+    weights = rng.uniform(0.5, 2.0, lshape).astype(np.float32)
+    total, weight = jax.jit(lambda *a: case.fn(
+        *a, **case.kwargs, where=where, weights=weights,
+        reduction="sum_and_weight"))(*data)
+    entry = case.reference(*data)
+    np.testing.assert_allclose(
+        total, ref.reduce(entry, kept=where, weights=weights, reduction="sum"),
+        rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(weight, np.where(where, weights, 0).sum(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", FIRST_CASES, ids=repr)
+def test_pmap_axis_name_mean_and_gradient_equal_one_device(case):
+    """pmap with axis_name: the global mean on every device, and each device's input
+    gradient its slice of the one-device gradient (the old losses had no axis_name;
+    a plain psum would give 8 times the gradient)."""
+    n = jax.device_count()
+    data = _f32(case.data(_shape(case, (2 * n, 4))))
+    rng = np.random.default_rng(12)
+    weights = rng.uniform(0.5, 2.0, (2 * n,)).astype(np.float32)
+    where = rng.random(2 * n) < 0.7
+    where[:2] = False  # one device keeps nothing
+
+    def loss(*a, w, m, axis_name=None):
+        return case.fn(*a, **case.kwargs, where=m, weights=w, axis_name=axis_name)
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1))
+    want, want_g = jax.jit(grad)(*data, w=weights, m=where)
+    split = [x.reshape(n, 2, *x.shape[1:]) for x in (*data, weights, where)]
+    got, got_g = jax.pmap(lambda a, b, w, m: grad(a, b, w=w, m=m, axis_name="i"),
+                          axis_name="i")(*split)
+    np.testing.assert_allclose(got, np.full(n, want), rtol=2e-5)
+    for g, w in zip(got_g, want_g):
+        np.testing.assert_allclose(g.reshape(w.shape), w, rtol=2e-5, atol=1e-7)
+    entry = case.reference(*data)
+    np.testing.assert_allclose(want, ref.reduce(entry, kept=where, weights=weights),
+                               rtol=2e-5)
+
+
+# --- the cross-device matrix (tests/test_matrix.py) -----------------------------------
+
+
+def _m(make, **kw):
+    def data(rng, batch):
+        return tuple(np.asarray(x, np.float32) for x in make(rng, (batch, 5), -1, **kw))
+    return data
+
+
+MATRIX_CASES = [
+    MatrixCase("kl_divergence", _m(_probs)),
+    MatrixCase("kl_divergence", _m(_log_probs), kwargs={"log_targets": True},
+               id="log_targets"),
+    MatrixCase("kl_divergence_with_logits", _m(_logits)),
+    MatrixCase("js_divergence", _m(_logits)),
+]

@@ -20,6 +20,7 @@ import pytest
 import references as ref
 from loss_cases import check_shard_map as _check_shard_map
 from loss_cases import evaluate as _evaluate
+from loss_cases import MatrixCase
 from loss_cases import jit_case as _jit
 import torch
 import torch.nn.functional as F
@@ -420,7 +421,7 @@ def test_checked_mode_value_rules(fn, kwargs, data, rule):
     [
         (R.huber_loss, {"delta": 0.0}, "delta must be > 0"),
         (R.smooth_l1_loss, {"beta": -1.0}, "beta must be >= 0"),
-        (R.quantile_loss, {"quantile": 1.5}, r"quantile must lie in \[0, 1\]"),
+        (R.quantile_loss, {"quantile": 1.5}, r"quantile must be in \(0, 1\)"),
     ],
     ids=["huber_delta", "smooth_l1_beta", "quantile"],
 )
@@ -582,3 +583,230 @@ def test_registry():
         assert lossjax.get(name) is getattr(R, name)
         assert lossjax.family_of(name) == "regression"
     assert set(R.LOSS_NAMES) == set(R.__all__)
+
+
+# --- ISSUE 11: hyperparameter policy, traced hyperparameters, checked mode, -----------
+# --- sum_and_weight, axis_name --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fn, name, bad, ok, match",
+    [
+        (R.huber_loss, "delta", [0.0, -1.0, np.float32(-2.0)], [1e-6, 3.0],
+         r"delta must be > 0"),
+        (R.smooth_l1_loss, "beta", [-1e-6, -1.0], [0.0, 2.0], r"beta must be >= 0"),
+        (R.quantile_loss, "quantile", [0.0, 1.0, -0.1, 1.5], [1e-6, 0.5, 1 - 1e-6],
+         r"quantile must be in \(0, 1\)"),
+        (R.poisson_nll, "eps", [0.0, -1e-8], [1e-12], r"eps must be > 0"),
+        (R.gaussian_nll, "eps", [0.0, -1.0], [1e-12], r"eps must be > 0"),
+        (R.mean_absolute_percentage_error, "eps", [0.0, -1e-7], [1e-12],
+         r"eps must be > 0"),
+        (R.cosine_similarity_loss, "eps", [0.0, -1e-8], [1e-12], r"eps must be > 0"),
+    ],
+    ids=["huber_delta", "smooth_l1_beta", "quantile", "poisson_eps", "gaussian_eps",
+         "mape_eps", "cosine_eps"],
+)
+def test_hyperparameter_ranges(fn, name, bad, ok, match):
+    data = (jnp.ones((2, 3)), jnp.ones((2, 3)))
+    if fn is R.gaussian_nll:
+        data = data + (jnp.ones((2, 3)),)
+    for value in bad:
+        with pytest.raises(ValueError, match=match):
+            fn(*data, **{name: value})
+    for value in ok:
+        assert np.isfinite(fn(*data, **{name: value}))
+
+
+def _gauss_small_var(rng, shape):
+    # Variances straddling eps, so that eps's clamp (and its gradient) is exercised.
+    return (rng.normal(0, 2, shape), rng.normal(0, 2, shape),
+            np.where(rng.random(shape) < 0.5, rng.uniform(0.01, 0.04, shape),
+                     rng.uniform(0.1, 2.0, shape)))
+
+
+def _tiny_targets(rng, shape):
+    # |targets| straddling eps, so that MAPE's floor is exercised.
+    t = np.where(rng.random(shape) < 0.5, rng.uniform(0.01, 0.04, shape),
+                 rng.uniform(0.5, 2.0, shape))
+    return rng.normal(0, 2, shape), t
+
+
+def _short_vectors(rng, shape):
+    # Half the vectors shorter than eps.
+    p, t = rng.normal(0, 1, shape), rng.normal(0, 1, shape)
+    scale = np.where(rng.random(shape[:-1] + (1,)) < 0.5, 0.01, 1.0)
+    return p * scale, t
+
+
+# (loss, hyperparameter, value, other keywords, reference, data maker)
+TRACED = [
+    (R.huber_loss, "delta", 1.3, {}, ref.huber_loss, _normal),
+    (R.smooth_l1_loss, "beta", 0.7, {}, ref.smooth_l1_loss, _normal),
+    (R.quantile_loss, "quantile", 0.3, {}, ref.quantile_loss, _normal),
+    (R.poisson_nll, "eps", 0.2, {"log_input": False}, ref.poisson_nll, _rates),
+    (R.gaussian_nll, "eps", 0.05, {"full": True}, ref.gaussian_nll, _gauss_small_var),
+    (R.mean_absolute_percentage_error, "eps", 0.03, {},
+     ref.mean_absolute_percentage_error, _tiny_targets),
+    (R.cosine_similarity_loss, "eps", 0.05, {}, ref.cosine_similarity_loss,
+     _short_vectors),
+]
+TRACED_IDS = [f"{fn.__name__}-{name}" for fn, name, *_ in TRACED]
+
+
+def _ref_reduced(reference, data, kw, where, weights, reduction):
+    entry = reference(*data, **kw)
+    if reduction == "sum_and_weight":
+        return (ref.reduce(entry, kept=where, weights=weights, reduction="sum"),
+                ref.reduce(np.ones_like(entry), kept=where, weights=weights,
+                           reduction="sum"))
+    return ref.reduce(entry, kept=where, weights=weights, reduction=reduction)
+
+
+def _masks(rng, lshape):
+    return rng.random(lshape) < 0.7, rng.uniform(0.5, 2.0, lshape).astype(np.float32)
+
+
+@pytest.mark.parametrize("fn, name, value, kw, reference, make", TRACED, ids=TRACED_IDS)
+def test_traced_hyperparameter_under_jit(fn, name, value, kw, reference, make):
+    """A traced hyperparameter equals the Python number and the float64 reference, for
+    every reduction, with NaN in excluded entries."""
+    rng = np.random.default_rng(3)
+    data = _f32(make(rng, (6, 4)))
+    lshape = (6,) if fn is R.cosine_similarity_loss else (6, 4)
+    where, weights = _masks(rng, lshape)
+    poisoned = [np.where(np.broadcast_to(where[..., None] if len(lshape) == 1 else where,
+                                         x.shape), x, np.nan).astype(np.float32)
+                for x in data]
+    for reduction in ("none", "sum", "mean", "sum_and_weight"):
+        def call(h, reduction=reduction):
+            return fn(*poisoned, **kw, **{name: h}, where=where, weights=weights,
+                      reduction=reduction)
+        traced = jax.jit(call)(jnp.float32(value))
+        number = call(value)
+        want = _ref_reduced(reference, data, {**kw, name: value}, where, weights,
+                            reduction)
+        for got, num, exp in zip(jax.tree.leaves(traced), jax.tree.leaves(number),
+                                 jax.tree.leaves(want)):
+            assert got.dtype == jnp.float32
+            np.testing.assert_allclose(got, num, rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(got, exp, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn, name, value, kw, reference, make", TRACED, ids=TRACED_IDS)
+def test_traced_hyperparameter_grad_matches_finite_difference(fn, name, value, kw,
+                                                              reference, make):
+    rng = np.random.default_rng(4)
+    data = make(rng, (6, 4))
+    lshape = (6,) if fn is R.cosine_similarity_loss else (6, 4)
+    where, weights = _masks(rng, lshape)
+    with jax.enable_x64(True):
+        grad = jax.grad(lambda h: fn(*(jnp.asarray(x) for x in data), **kw,
+                                     **{name: h}, where=where, weights=weights))(
+            jnp.float64(value))
+    # float32 too: the gradient a user sees.
+    grad32 = jax.jit(jax.grad(lambda h: fn(*_f32(data), **kw, **{name: h}, where=where,
+                                           weights=weights)))(jnp.float32(value))
+
+    def f(h):
+        return _ref_reduced(reference, data, {**kw, name: h}, where, weights, "mean")
+
+    step = 1e-6
+    fd = (f(value + step) - f(value - step)) / (2 * step)
+    assert np.isfinite(grad) and abs(fd) > 1e-3  # the test can fail: a real gradient
+    np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(grad32, fd, rtol=1e-4, atol=1e-6)
+
+
+def test_traced_beta_zero_is_l1_with_finite_gradient():
+    p, t = _f32(_normal(np.random.default_rng(5), (5, 3)))
+    where = np.random.default_rng(6).random((5, 3)) < 0.7
+    pn = np.where(where, p, np.nan).astype(np.float32)
+
+    def loss(beta, reduction="mean"):
+        return R.smooth_l1_loss(pn, t, beta=beta, where=where, reduction=reduction)
+
+    for reduction in ("none", "sum", "mean"):
+        np.testing.assert_allclose(
+            jax.jit(loss, static_argnums=1)(jnp.float32(0.0), reduction),
+            ref.reduce(ref.absolute_error(p, t), kept=where, reduction=reduction),
+            rtol=1e-6)
+    # Every |d| > 0 is on the linear piece |d| - beta / 2: d/dbeta of the mean is -1/2.
+    np.testing.assert_allclose(jax.jit(jax.grad(loss))(jnp.float32(0.0)), -0.5,
+                               rtol=1e-6)
+    gp = jax.jit(jax.grad(lambda x: R.smooth_l1_loss(
+        x, t, beta=jnp.float32(0.0), where=where, reduction="sum")))(pn)
+    np.testing.assert_array_equal(gp, np.where(where, np.sign(p - t), 0.0))
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_checked_mode_with_documented_keywords(case):
+    data = _f32(_data(case, _shape(case)))
+    f = lossjax.checked(case.fn)
+    for reduction in ("none", "mean"):
+        np.testing.assert_allclose(
+            f(*data, **case.kwargs, reduction=reduction),
+            ref.reduce(case.reference(*data), reduction=reduction), rtol=2e-5,
+            atol=1e-6)
+
+
+@pytest.mark.parametrize("case", FIRST_CASES, ids=repr)
+def test_sum_and_weight_matches_reference(case):
+    rng = np.random.default_rng(8)
+    data = _f32(_data(case, _shape(case)))
+    lshape = case.loss_shape(_shape(case))
+    where, weights = _masks(rng, lshape)
+    total, weight = jax.jit(lambda *a: case.fn(
+        *a, **case.kwargs, where=where, weights=weights,
+        reduction="sum_and_weight"))(*data)
+    want = _ref_reduced(case.ref, data, case.kwargs, where, weights, "sum_and_weight")
+    np.testing.assert_allclose(total, want[0], rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(weight, want[1], rtol=1e-6)
+
+
+# --- the cross-device matrix (tests/test_matrix.py) -----------------------------------
+
+
+def _m_normal(rng, batch):
+    return tuple(x.astype(np.float32) for x in _normal(rng, (batch, 3)))
+
+
+def _m_rates(rng, batch):
+    return tuple(x.astype(np.float32) for x in _rates(rng, (batch, 3)))
+
+
+def _m_log_rates(rng, batch):
+    return tuple(x.astype(np.float32) for x in _log_rates(rng, (batch, 3)))
+
+
+def _m_gauss(rng, batch):
+    return tuple(x.astype(np.float32) for x in _gauss_small_var(rng, (batch, 3)))
+
+
+def _m_away(rng, batch):
+    return tuple(x.astype(np.float32) for x in _tiny_targets(rng, (batch, 3)))
+
+
+def _m_vectors(rng, batch):
+    return tuple(x.astype(np.float32) for x in _short_vectors(rng, (batch, 4)))
+
+
+MATRIX_CASES = [
+    MatrixCase("squared_error", _m_normal),
+    MatrixCase("absolute_error", _m_normal),
+    MatrixCase("huber_loss", _m_normal, kwargs={"delta": 1.3}, traced={"delta": 1.3}),
+    MatrixCase("smooth_l1_loss", _m_normal, kwargs={"beta": 0.7},
+               traced={"beta": 0.7}),
+    MatrixCase("log_cosh", _m_normal),
+    MatrixCase("poisson_nll", _m_log_rates, kwargs={"full": True}),
+    MatrixCase("poisson_nll", _m_rates, kwargs={"log_input": False, "eps": 0.2},
+               traced={"eps": 0.2}, id="rates"),
+    MatrixCase("gaussian_nll", _m_gauss, kwargs={"full": True, "eps": 0.05},
+               traced={"eps": 0.05}),
+    MatrixCase("quantile_loss", _m_normal, kwargs={"quantile": 0.3},
+               traced={"quantile": 0.3}),
+    MatrixCase("mean_absolute_percentage_error", _m_away, kwargs={"eps": 0.03},
+               traced={"eps": 0.03}),
+    MatrixCase("squared_log_error", _m_normal),
+    MatrixCase("cosine_similarity_loss", _m_vectors, kwargs={"eps": 0.05},
+               traced={"eps": 0.05}),
+]
