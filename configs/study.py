@@ -4,7 +4,7 @@
                        #       --workdir=runs/study
     python -m experiments.study --config=configs/study.py:smoke --workdir=runs/study_smoke
 
-Arguments (comma string after `:`): `smoke` (2 losses per task, 2 seeds, a few
+Arguments (comma string after `:`): `smoke` (2 losses per task, 2 seeds x 2 rates, a few
 steps: seconds, for the tests; all tasks but `lm` unless `tasks` names it),
 `tasks=digits+lm` (a subset, in this order), `seeds=3`.
 
