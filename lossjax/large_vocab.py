@@ -405,7 +405,7 @@ def _fused_loss_bwd(token_block, block, need_sum, residuals, g):
     grads, stats, dtypes = residuals
     dh, dkernel, dbias, du, dcap = (
         None if x is None else (g * x).astype(like.dtype)
-        for x, like in zip(grads, dtypes))
+        for x, like in zip(grads, dtypes, strict=True))
     return (dh, dkernel, dbias, du, None) + tuple(g * x for x in stats) + (dcap,)
 
 
@@ -631,7 +631,8 @@ def linear_cross_entropy(
             nll = label_weight * nll
         if need_sum:
             mean_weighted_logit = total.reshape(loss_shape) / vocab
-            uniform = (lse if class_weights is None else wbar * lse) - mean_weighted_logit
+            lse_part = lse if class_weights is None else wbar * lse
+            uniform = lse_part - mean_weighted_logit
             nll = (1.0 - label_smoothing) * nll + label_smoothing * uniform
         entry = nll if _checks.is_zero(z_loss) else nll + z_loss * lse**2
         entry = jnp.where(in_range, entry, jnp.nan)

@@ -93,11 +93,11 @@ def test_matches_cross_entropy_on_materialized_logits(options, bias):
     if not bias:
         b = jnp.zeros_like(b)
     for reduction in REDUCTIONS:
-        def fused(h, w, b):
+        def fused(h, w, b, reduction=reduction):
             return linear_cross_entropy(h, w, y, bias=b if bias else None,
                                         block_size=BLOCK, reduction=reduction, **opts)
 
-        def naive(h, w, b):
+        def naive(h, w, b, reduction=reduction):
             return lossjax.cross_entropy(h @ w + b, y, reduction=reduction, **opts)
 
         v1, g1 = jax.value_and_grad(_scalarize(fused, reduction, cotangent),
@@ -106,7 +106,7 @@ def test_matches_cross_entropy_on_materialized_logits(options, bias):
                                     argnums=(0, 1, 2))(h, w, b)
         _assert_close(fused(h, w, b), naive(h, w, b), rtol=1e-6)
         _assert_close(v1, v2, rtol=1e-6)
-        for name, a, c in zip(("hidden", "kernel", "bias"), g1, g2):
+        for name, a, c in zip(("hidden", "kernel", "bias"), g1, g2, strict=True):
             if name == "bias" and not bias:
                 assert not np.any(a), "no bias given: zero gradient"
                 continue
@@ -151,7 +151,7 @@ def test_token_blocks_with_padding_and_weight_gradients(reduction):
     v1, g1 = jax.value_and_grad(fused, argnums=(0, 1, 2, 3))(h, w, b, weights)
     v2, g2 = jax.value_and_grad(naive, argnums=(0, 1, 2, 3))(h, w, b, weights)
     _assert_close(v1, v2, rtol=1e-6)
-    for name, a, c in zip(("hidden", "kernel", "bias", "weights"), g1, g2):
+    for name, a, c in zip(("hidden", "kernel", "bias", "weights"), g1, g2, strict=True):
         assert _rel(a, c) < 1e-5, (name, _rel(a, c))
 
 
@@ -186,7 +186,8 @@ def test_return_lse(softcap):
         lse = jnp.where(kept, jax.nn.logsumexp(logits, axis=-1), 0)
         return lossjax.cross_entropy(logits, y, where=where) + jnp.sum(r * lse**2)
 
-    for a, c in zip(jax.grad(fused, (0, 1))(h, w), jax.grad(naive, (0, 1))(h, w)):
+    grads = jax.grad(fused, (0, 1))(h, w), jax.grad(naive, (0, 1))(h, w)
+    for a, c in zip(*grads, strict=True):
         assert _rel(a, c) < 1e-5
 
 
@@ -239,7 +240,7 @@ def test_bfloat16_inputs():
     # The gradient matmuls run in bf16 (as the unfused bf16 backward): 1e-2 relative.
     want = jax.grad(lambda h, w, b: lossjax.cross_entropy(h @ w + b, y),
                     argnums=(0, 1, 2))(h32, w32, b32)
-    for g, g32 in zip(grads, want):
+    for g, g32 in zip(grads, want, strict=True):
         assert _rel(g, g32) < 1e-2
 
 
@@ -298,7 +299,7 @@ def test_jit_with_tokens_sharded_stays_data_parallel():
     (v1, g1), (v2, g2) = step(hs, ws, bs, ys), jax.value_and_grad(
         f, argnums=(0, 1, 2))(h, w, b, y)
     _assert_close(v1, v2, rtol=1e-6)
-    for a, c in zip(g1, g2):
+    for a, c in zip(g1, g2, strict=True):
         assert _rel(a, c) < 1e-5
 
 
@@ -452,7 +453,7 @@ def test_shard_map_vocab_parallel_matches_single_device(mesh_shape):
     (v2, lse), g2 = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1, 2, 3),
                                                has_aux=True))(h, w, b, cw)
     np.testing.assert_allclose(v2, v1, rtol=1e-6)
-    for a, c in zip(g2, g1):
+    for a, c in zip(g2, g1, strict=True):
         assert _rel(a, c) < 1e-5
     _, want_lse = linear_cross_entropy(h, w, y, bias=b, where=where, return_lse=True,
                                        **opts)
@@ -521,7 +522,8 @@ def test_finite_at_extreme_logits():
     h = h / jnp.abs(h @ w).max(axis=-1, keepdims=True) * 1e4  # |logits| up to 1e4
     for opts in ({}, dict(z_loss=1e-4, label_smoothing=0.1, logit_softcap=30.0)):
         loss, grads = jax.value_and_grad(
-            lambda h, w: linear_cross_entropy(h, w, y, block_size=BLOCK, **opts),
+            lambda h, w, opts=opts: linear_cross_entropy(h, w, y, block_size=BLOCK,
+                                                         **opts),
             argnums=(0, 1))(h, w)
         assert np.isfinite(loss) and all(np.all(np.isfinite(g)) for g in grads)
 
@@ -630,7 +632,7 @@ def test_shard_map_tokens_sharded_sum_issue_shapes():
     got = jax.jit(jax.grad(f, argnums=(0, 1)))(h, w, y)
     single = jax.grad(lambda h, w: linear_cross_entropy(h, w, y, reduction="sum"),
                       argnums=(0, 1))(h, w)
-    for a, c in zip(got, single):
+    for a, c in zip(got, single, strict=True):
         assert _rel(a, c) < 1e-5
 
 
@@ -672,7 +674,7 @@ def test_shard_map_tokens_sharded_matches_single_device(with_axis_name):
         want = _reference(h, w, b, y, where, weights, cw, reduction, **{
             k: v for k, v in DEV_OPTS.items() if k != "block_size"})
         if reduction == "sum_and_weight":
-            for g_, w_ in zip(got, want):
+            for g_, w_ in zip(got, want, strict=True):
                 np.testing.assert_allclose(g_, w_, rtol=1e-5)
             got = got[0] / got[1]
             want = want[0] / want[1]
@@ -683,7 +685,8 @@ def test_shard_map_tokens_sharded_matches_single_device(with_axis_name):
         lambda h, w, b: sharded(reduction)(h, w, b, y, where, weights),
         argnums=(0, 1, 2)))(h, w, b)
     g_single = jax.grad(single(reduction), argnums=(0, 1, 2))(h, w, b)
-    for name, a, c in zip(("hidden", "kernel", "bias"), g_sharded, g_single):
+    names = ("hidden", "kernel", "bias")
+    for name, a, c in zip(names, g_sharded, g_single, strict=True):
         assert _rel(a, c) < 1e-5, (name, _rel(a, c))
     masked = np.asarray(~where)
     assert not np.any(np.asarray(g_sharded[0])[masked])
@@ -727,7 +730,7 @@ def test_two_d_mesh_batch_and_vocab_axes_at_once(reduction):
     np.testing.assert_allclose(v2, want, rtol=1e-5)
     np.testing.assert_allclose(v1, want, rtol=1e-5)
     for name, a, c in zip(("hidden", "kernel", "bias", "class_weights", "softcap"),
-                          g2, g1):
+                          g2, g1, strict=True):
         assert _rel(a, c) < 1e-5, (name, _rel(a, c))
     # "none" stays local: each device's tokens, in the loss shape.
     none = jax.jit(jax.shard_map(
@@ -831,7 +834,7 @@ def test_numpy_class_weights_everywhere():
                            label_smoothing=0.1)
     for kw in (dict(reduction="none"), dict(reduction="mean"),
                dict(reduction="mean", return_lse=True)):
-        out = jax.jit(lambda h, w: linear_cross_entropy(
+        out = jax.jit(lambda h, w, kw=kw: linear_cross_entropy(
             h, w, y, class_weights=cw, **base, **kw))(h, w)
         got = out[0] if kw.get("return_lse") else out
         want = want_none if kw["reduction"] == "none" else want_mean
@@ -844,8 +847,9 @@ def test_numpy_class_weights_everywhere():
 def test_hyperparameters_out_of_range_raise_naming_the_range():
     rng = np.random.default_rng(0)
     h, w, _, y = _inputs(rng, shape=(4,))
-    for kw, msg in ((dict(label_smoothing=-0.1), r"label_smoothing must be in \[0, 1\]"),
-                    (dict(label_smoothing=1.5), r"label_smoothing must be in \[0, 1\]"),
+    in_unit = r"label_smoothing must be in \[0, 1\]"
+    for kw, msg in ((dict(label_smoothing=-0.1), in_unit),
+                    (dict(label_smoothing=1.5), in_unit),
                     (dict(z_loss=-1e-3), "z_loss must be >= 0"),
                     (dict(logit_softcap=0.0), "logit_softcap must be > 0"),
                     (dict(logit_softcap=-3.0), "logit_softcap must be > 0")):
@@ -927,7 +931,7 @@ def test_checked_mode_with_documented_keywords():
         got = fn(h, w, y, reduction=reduction, **kw)
         want = _reference(h, w, b, y, where, weights, cw, reduction,
                           label_smoothing=0.1, z_loss=1e-3, logit_softcap=4.0)
-        for g, c in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        for g, c in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             _assert_close(g, c, rtol=1e-5)
     loss, lse = fn(h, w, y, return_lse=True, **kw)
     assert np.isfinite(loss) and lse.shape == (16,)
