@@ -5,11 +5,13 @@ Every public loss computes a per-entry loss and hands it to `reduce_loss`. An ex
 entry must contribute exactly 0 to the loss *and* to every gradient even when its inputs
 hold inf, NaN or an out-of-range label: `jnp.where` alone stops the forward value, but
 its backward still multiplies 0 by the NaN local derivative. Most losses therefore
-replace the inputs of excluded entries with harmless values first (`sanitize`). The
-others stay exact another way, each saying how in a comment: their own custom
-derivative rule that selects before it multiplies (`kl_divergence`'s masked term), a
-recursion that only ever reads the frames that count (`ctc_loss`), or a kernel whose
-per-token coefficients are zeroed before they meet the weights (`linear_cross_entropy`).
+replace the inputs of excluded entries with harmless values first (`sanitize`). Where
+a value cannot be replaced before the math, the loss stays exact another way and says
+how in a comment: a custom derivative rule that selects before it multiplies
+(`kl_divergence`'s zero-probability classes, cross-entropy's masked logsumexp and row
+dot), a select whose transpose zeroes the frames that do not count (`ctc_loss` past
+`logit_lengths`), or per-token coefficients that are zero for excluded tokens
+(`linear_cross_entropy`'s token-block kernel).
 
 With `axis_name`, "sum" and "mean" are over the global batch sharded over that mesh /
 pmap axis: the numerator and the kept weight are summed over it with `global_sum`, whose
