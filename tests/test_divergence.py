@@ -18,14 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import references as ref
-from loss_cases import check_shard_map as _check_shard_map
-from loss_cases import MatrixCase
-from loss_cases import evaluate as _evaluate
-from loss_cases import jit_case as _jit
 import torch
 import torch.nn.functional as F
 from absl.testing import parameterized
 from jax.test_util import check_grads
+from loss_cases import MatrixCase
+from loss_cases import check_shard_map as _check_shard_map
+from loss_cases import evaluate as _evaluate
+from loss_cases import jit_case as _jit
 
 import lossjax
 from lossjax import divergence as D
@@ -544,7 +544,7 @@ def test_pmap_axis_name_mean_and_gradient_equal_one_device(case):
     got, got_g = jax.pmap(lambda a, b, w, m: grad(a, b, w=w, m=m, axis_name="i"),
                           axis_name="i")(*split)
     np.testing.assert_allclose(got, np.full(n, want), rtol=2e-5)
-    for g, w in zip(got_g, want_g):
+    for g, w in zip(got_g, want_g, strict=True):
         np.testing.assert_allclose(g.reshape(w.shape), w, rtol=2e-5, atol=1e-7)
     entry = case.reference(*data)
     np.testing.assert_allclose(want, ref.reduce(entry, kept=where, weights=weights),

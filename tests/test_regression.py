@@ -18,14 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import references as ref
-from loss_cases import check_shard_map as _check_shard_map
-from loss_cases import evaluate as _evaluate
-from loss_cases import MatrixCase
-from loss_cases import jit_case as _jit
 import torch
 import torch.nn.functional as F
 from absl.testing import parameterized
 from jax.test_util import check_grads
+from loss_cases import MatrixCase
+from loss_cases import check_shard_map as _check_shard_map
+from loss_cases import evaluate as _evaluate
+from loss_cases import jit_case as _jit
 
 import lossjax
 from lossjax import regression as R
@@ -674,8 +674,8 @@ def test_traced_hyperparameter_under_jit(fn, name, value, kw, reference, make):
     data = _f32(make(rng, (6, 4)))
     lshape = (6,) if fn is R.cosine_similarity_loss else (6, 4)
     where, weights = _masks(rng, lshape)
-    poisoned = [np.where(np.broadcast_to(where[..., None] if len(lshape) == 1 else where,
-                                         x.shape), x, np.nan).astype(np.float32)
+    kept = where[..., None] if len(lshape) == 1 else where
+    poisoned = [np.where(np.broadcast_to(kept, x.shape), x, np.nan).astype(np.float32)
                 for x in data]
     for reduction in ("none", "sum", "mean", "sum_and_weight"):
         def call(h, reduction=reduction):
@@ -686,7 +686,7 @@ def test_traced_hyperparameter_under_jit(fn, name, value, kw, reference, make):
         want = _ref_reduced(reference, data, {**kw, name: value}, where, weights,
                             reduction)
         for got, num, exp in zip(jax.tree.leaves(traced), jax.tree.leaves(number),
-                                 jax.tree.leaves(want)):
+                                 jax.tree.leaves(want), strict=True):
             assert got.dtype == jnp.float32
             np.testing.assert_allclose(got, num, rtol=1e-6, atol=1e-7)
             np.testing.assert_allclose(got, exp, rtol=2e-5, atol=1e-6)
