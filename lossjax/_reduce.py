@@ -35,7 +35,7 @@ AxisName = Hashable | Sequence[Hashable] | None
 
 
 def check_reduction(reduction: str) -> None:
-    """Raises ValueError unless `reduction` is one of "none", "sum", "mean"."""
+    """Raises ValueError unless `reduction` is one of `REDUCTIONS`."""
     if reduction not in REDUCTIONS:
         raise ValueError(
             f"reduction must be one of {REDUCTIONS}, got {reduction!r}."
