@@ -3,9 +3,9 @@
     python -m benchmarks.ctc                  # every case, 3 fresh processes each
     python -m benchmarks.ctc --processes 1    # quicker
     python -m benchmarks.ctc --only B16-T200-K32-L40   # one size (or whole case names)
-    CTC_BASELINE=/tmp/base python -m benchmarks.ctc --only B16-T200-K32-L40
-        # also "lossjax@base": lossjax imported from the source tree /tmp/base
-        # (e.g. `git archive HEAD | tar -x -C /tmp/base`), interleaved with the
+    CTC_BASELINE=DIR python -m benchmarks.ctc --only B16-T200-K32-L40
+        # also "lossjax@base": lossjax imported from the source tree DIR
+        # (e.g. `git archive REV | tar -x -C DIR`), interleaved with the
         # others: a before/after ratio measured in one run
 
 Implementations, each on the same float32 logits `[B, T, K]` (log_softmax included),

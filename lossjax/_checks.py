@@ -131,7 +131,8 @@ def check_range(
     too_high = high is not None and (v >= high if high_open else v > high)
     if too_low or too_high or v != v:
         if low is not None and high is not None:
-            rng = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            left, right = "(" if low_open else "[", ")" if high_open else "]"
+            rng = f"{left}{low:g}, {high:g}{right}"
             rule = f"in {rng}"
         elif low is not None:
             rule = f"{'>' if low_open else '>='} {low:g}"
@@ -234,19 +235,21 @@ def checked(fn: Callable) -> Callable:
     def with_value_checks(*args, **kwargs):
         leaves, treedef = jax.tree.flatten((args, kwargs))
         is_array = tuple(_is_array(leaf) for leaf in leaves)
-        static = tuple(None if a else leaf for a, leaf in zip(is_array, leaves))
+        pairs = zip(is_array, leaves, strict=True)
+        static = tuple(None if a else leaf for a, leaf in pairs)
         key = (treedef, is_array, static)
         if key not in compiled:
 
             def call(*arrays):
                 it = iter(arrays)
-                full = [next(it) if a else leaf for a, leaf in zip(is_array, static)]
+                pairs = zip(is_array, static, strict=True)
+                full = [next(it) if a else leaf for a, leaf in pairs]
                 a, kw = jax.tree.unflatten(treedef, full)
                 with value_checks():
                     return fn(*a, **kw)
 
             compiled[key] = chex.chexify(jax.jit(call), async_check=False)
-        arrays = [leaf for a, leaf in zip(is_array, leaves) if a]
+        arrays = [leaf for a, leaf in zip(is_array, leaves, strict=True) if a]
         return compiled[key](*arrays)
 
     return with_value_checks

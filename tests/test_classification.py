@@ -902,7 +902,7 @@ class TestIdentities:
                 np.testing.assert_allclose(got, ref.cross_entropy(x, y, **kw),
                                            rtol=1e-12)
                 soft = jax.nn.one_hot(y, K, dtype=jnp.float64)
-                got = jax.jit(lambda e, kw=kw: C.cross_entropy(
+                got = jax.jit(lambda e, kw=kw, soft=soft: C.cross_entropy(
                     x, soft, label_smoothing=e, reduction="none", **kw))(0.0)
                 np.testing.assert_allclose(got, ref.cross_entropy_soft(x, soft, **kw),
                                            rtol=1e-12)
@@ -998,7 +998,7 @@ class TestSigmoidFocal:
             x = jnp.array([-2.0, -0.3, 0.4, 1.7])
             t = jnp.array([0.0, 1.0, 0.0, 1.0])
             for gamma in (0.5, 2.0):
-                got = jax.grad(lambda t: C.sigmoid_focal_loss(x, t, gamma=gamma,
+                got = jax.grad(lambda t, g=gamma: C.sigmoid_focal_loss(x, t, gamma=g,
                                                               reduction="sum"))(t)
                 p = jax.nn.sigmoid(x)
                 q = t * (1 - p) + (1 - t) * p  # 1 - p_t
@@ -1109,9 +1109,9 @@ class TestMaskedLogsumexp:
         bad[5, 0] = np.inf
         for kw in ({}, {"label_smoothing": 0.1, "z_loss": 1e-3},
                    {"class_weights": jnp.asarray(rng.uniform(0.5, 2, k), jnp.float32)}):
-            masked = lambda x: C.cross_entropy(x, jnp.asarray(y),
+            masked = lambda x, kw=kw: C.cross_entropy(x, jnp.asarray(y),
                                                where=jnp.asarray(where), **kw)
-            plain = lambda x: C.cross_entropy(x, jnp.asarray(y[kept]), **kw)
+            plain = lambda x, kw=kw: C.cross_entropy(x, jnp.asarray(y[kept]), **kw)
             np.testing.assert_allclose(masked(jnp.asarray(bad)), plain(x[kept]),
                                        rtol=1e-6)
             g = jax.grad(masked)(jnp.asarray(bad))

@@ -6,14 +6,13 @@ tests list the whole standard library, which needs no tokenizing.
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 import lossjax
-from experiments import lm_data
-from experiments import models
+from experiments import lm_data, models
 
 SMALL = dict(vocab_size=512, seq_len=16, max_files=12, test_fraction=0.2)
 

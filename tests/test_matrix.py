@@ -42,8 +42,13 @@ import lossjax
 REDUCTIONS = ("none", "sum", "mean", "sum_and_weight")
 DEVICES = 8
 BATCH = 16  # two entries per device
-_FAMILIES = (test_classification, test_regression, test_divergence, test_sequence,
-             test_large_vocab)
+_FAMILIES = (
+    test_classification,
+    test_regression,
+    test_divergence,
+    test_sequence,
+    test_large_vocab,
+)
 CASES = [case for family in _FAMILIES for case in getattr(family, "MATRIX_CASES", ())]
 _IDS = [case.label for case in CASES]
 
@@ -103,8 +108,13 @@ def _call(case, inputs, reduction, axis_name=None, fn=None, **hyper):
     args = [inputs[f"arg{i}"] for i in range(n)]
     kw = {k[3:]: v for k, v in inputs.items() if k.startswith("kw:")}
     fn = fn or lossjax.get(case.name)
-    return fn(*args, **{**case.kwargs, **hyper}, **kw, reduction=reduction,
-              axis_name=axis_name)
+    return fn(
+        *args,
+        **{**case.kwargs, **hyper},
+        **kw,
+        reduction=reduction,
+        axis_name=axis_name,
+    )
 
 
 def _scalar(reduction, out, cotangent):
@@ -140,15 +150,22 @@ def _single_device(case):
 
 def _assert_close(case, got, want, what):
     for path, g in jax.tree_util.tree_leaves_with_path(got):
-        w = functools.reduce(lambda t, k: t[k.key if hasattr(k, "key") else k.idx],
-                             path, want)
+        w = functools.reduce(
+            lambda t, k: t[k.key if hasattr(k, "key") else k.idx], path, want
+        )
         np.testing.assert_allclose(
-            np.asarray(g, np.float64), np.asarray(w, np.float64), rtol=case.rtol,
-            atol=case.atol, err_msg=f"{case.label}: {what} {jax.tree_util.keystr(path)}")
+            np.asarray(g, np.float64),
+            np.asarray(w, np.float64),
+            rtol=case.rtol,
+            atol=case.atol,
+            err_msg=f"{case.label}: {what} {jax.tree_util.keystr(path)}",
+        )
 
 
 def _mesh():
-    return jax.make_mesh((DEVICES,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    return jax.make_mesh(
+        (DEVICES,), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
 
 
 # --- the matrix -----------------------------------------------------------------------
@@ -158,16 +175,21 @@ def _mesh():
 def test_shard_map_equals_one_device(case):
     inputs, sharded = _inputs(case)
     specs = {k: P("data") if k in sharded else P() for k in inputs}
-    float_specs = {k: s for k, s in specs.items()
-                   if _is_float(inputs[k]) and k != "cotangent"}
+    float_specs = {
+        k: s for k, s in specs.items() if _is_float(inputs[k]) and k != "cotangent"
+    }
     out_specs = {
         "none": (P("data"), float_specs),
         "sum": (P(), float_specs),
         "mean": (P(), float_specs),
         "sum_and_weight": ((P(), P()), float_specs),
     }
-    run = jax.shard_map(functools.partial(_losses_and_grads, case, axis_name="data"),
-                        mesh=_mesh(), in_specs=(specs,), out_specs=out_specs)
+    run = jax.shard_map(
+        functools.partial(_losses_and_grads, case, axis_name="data"),
+        mesh=_mesh(),
+        in_specs=(specs,),
+        out_specs=out_specs,
+    )
     got = jax.device_get(jax.jit(run)(inputs))
     _assert_close(case, got, _single_device(case), "shard_map")
 
@@ -175,18 +197,29 @@ def test_shard_map_equals_one_device(case):
 @pytest.mark.parametrize("case", CASES, ids=_IDS)
 def test_pmap_equals_one_device(case):
     inputs, sharded = _inputs(case)
-    per_device = {k: (v.reshape(DEVICES, -1, *v.shape[1:]) if k in sharded else v)
-                  for k, v in inputs.items()}
+    per_device = {
+        k: (v.reshape(DEVICES, -1, *v.shape[1:]) if k in sharded else v)
+        for k, v in inputs.items()
+    }
     in_axes = {k: 0 if k in sharded else None for k in inputs}
 
     def step(x):
         out = _losses_and_grads(case, x, axis_name="data")
         # Each device holds its share of a replicated input's gradient.
-        return {r: (v, {k: g if k in sharded else jax.lax.psum(g, "data")
-                        for k, g in grads.items()})
-                for r, (v, grads) in out.items()}
+        return {
+            r: (
+                v,
+                {
+                    k: g if k in sharded else jax.lax.psum(g, "data")
+                    for k, g in grads.items()
+                },
+            )
+            for r, (v, grads) in out.items()
+        }
 
-    got = jax.device_get(jax.pmap(step, axis_name="data", in_axes=(in_axes,))(per_device))
+    got = jax.device_get(
+        jax.pmap(step, axis_name="data", in_axes=(in_axes,))(per_device)
+    )
     want = _single_device(case)
     for r in REDUCTIONS:
         value, grads = got[r]
@@ -194,11 +227,17 @@ def test_pmap_equals_one_device(case):
             value = value.reshape(-1, *value.shape[2:])
         else:  # the global value, on every device
             for d in range(DEVICES):
-                _assert_close(case, jax.tree.map(lambda v, d=d: v[d], value),
-                              want[r][0], f"pmap {r} value on device {d}")
+                _assert_close(
+                    case,
+                    jax.tree.map(lambda v, d=d: v[d], value),
+                    want[r][0],
+                    f"pmap {r} value on device {d}",
+                )
             value = jax.tree.map(lambda v: v[0], value)
-        grads = {k: (g.reshape(-1, *g.shape[2:]) if k in sharded else g[DEVICES - 1])
-                 for k, g in grads.items()}
+        grads = {
+            k: (g.reshape(-1, *g.shape[2:]) if k in sharded else g[DEVICES - 1])
+            for k, g in grads.items()
+        }
         _assert_close(case, (value, grads), want[r], f"pmap {r}")
 
 
@@ -206,8 +245,10 @@ def test_pmap_equals_one_device(case):
 def test_jit_on_batch_sharded_inputs_equals_one_device(case):
     inputs, sharded = _inputs(case)
     mesh = _mesh()
-    placed = {k: jax.device_put(v, NamedSharding(mesh, P("data") if k in sharded else P()))
-              for k, v in inputs.items()}
+    placed = {
+        k: jax.device_put(v, NamedSharding(mesh, P("data") if k in sharded else P()))
+        for k, v in inputs.items()
+    }
     got = jax.device_get(jax.jit(functools.partial(_losses_and_grads, case))(placed))
     _assert_close(case, got, _single_device(case), "batch-sharded jit")
 
@@ -232,21 +273,29 @@ def test_checked_mode_with_the_case_keywords(case):
         _call(case, {**inputs, "arg0": bad}, "mean", fn=fn)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.traced],
-                         ids=[c.label for c in CASES if c.traced])
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.traced], ids=[c.label for c in CASES if c.traced]
+)
 def test_traced_hyperparameters_under_jit_and_grad(case):
     inputs, _ = _inputs(case)
     inputs = {k: v for k, v in inputs.items() if k != "cotangent"}
     for name, value in case.traced.items():
         eager = _call(case, inputs, "mean", **{name: value})
         traced = jax.jit(lambda h, name=name: _call(case, inputs, "mean", **{name: h}))
-        np.testing.assert_allclose(traced(jnp.float32(value)), eager, rtol=1e-6,
-                                   atol=1e-7, err_msg=f"{case.label}: traced {name}")
+        np.testing.assert_allclose(
+            traced(jnp.float32(value)),
+            eager,
+            rtol=1e-6,
+            atol=1e-7,
+            err_msg=f"{case.label}: traced {name}",
+        )
         with jax.enable_x64(True):
-            wide = {k: (np.asarray(v, np.float64) if _is_float(v) else v)
-                    for k, v in inputs.items()}
+            wide = {
+                k: (np.asarray(v, np.float64) if _is_float(v) else v)
+                for k, v in inputs.items()
+            }
 
-            def loss(h, name=name):
+            def loss(h, name=name, wide=wide):
                 return _call(case, wide, "mean", **{name: h})
 
             h = jnp.float64(value)
@@ -254,5 +303,6 @@ def test_traced_hyperparameters_under_jit_and_grad(case):
             eps = 1e-6 * max(1.0, abs(value))
             fd = (loss(h + eps) - loss(h - eps)) / (2 * eps)
             assert np.isfinite(grad), f"{case.label}: d/d{name} is {grad}"
-            np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-7,
-                                       err_msg=f"{case.label}: d/d{name}")
+            np.testing.assert_allclose(
+                grad, fd, rtol=1e-5, atol=1e-7, err_msg=f"{case.label}: d/d{name}"
+            )

@@ -11,7 +11,6 @@ import pytest
 import references as ref
 
 import lossjax
-
 from lossjax import _reduce
 from lossjax._reduce import compute_dtype, kept_mask, reduce_loss, sanitize
 
@@ -181,18 +180,20 @@ def test_compute_dtype_is_at_least_float32():
                              jnp.zeros(2, jnp.float64)) == jnp.float64
 
 
-# --- sum_and_weight, axis_name and global_sum ------------------------------------------
+# --- sum_and_weight, axis_name and global_sum -------------------------------------
 
 
 def test_sum_and_weight_is_what_mean_divides():
     loss, kept, weights, norm = _data(5)
     w = np.where(kept, weights, 0.0)
     args = {"kept": jnp.asarray(kept), "weights": jnp.asarray(weights, jnp.float32)}
-    total, weight = reduce_loss(jnp.asarray(loss, jnp.float32), reduction="sum_and_weight",
+    total, weight = reduce_loss(jnp.asarray(loss, jnp.float32),
+                                reduction="sum_and_weight",
                                 **args)
     np.testing.assert_allclose(total, (w * loss).sum(), rtol=1e-5)
     np.testing.assert_allclose(weight, w.sum(), rtol=1e-5)
-    total, weight = reduce_loss(jnp.asarray(loss, jnp.float32), reduction="sum_and_weight",
+    total, weight = reduce_loss(jnp.asarray(loss, jnp.float32),
+                                reduction="sum_and_weight",
                                 normalizer=jnp.asarray(norm, jnp.float32), **args)
     np.testing.assert_allclose(weight, np.where(kept, norm, 0).sum(), rtol=1e-5)
     # Without weights or mask the weight is the entry count.
@@ -248,7 +249,8 @@ def test_micro_batch_accumulation_equals_the_full_batch_mean():
 
 
 def _mesh(shape=(8,), names=("d",)):
-    return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+    auto = (jax.sharding.AxisType.Auto,) * len(names)
+    return jax.make_mesh(shape, names, axis_types=auto)
 
 
 def test_global_sum_value_and_gradient_are_exact_under_pmap_and_shard_map():

@@ -95,7 +95,7 @@ class TestTorchParity:
             f = lambda v, r, z: S.ctc_loss(v, tl, y, yl, blank_id=blank,
                                            reduction=r, zero_infinity=z)
             values = [f(v, r, z) for r, z in combos]
-            grads = [jax.grad(lambda v: jnp.sum(jnp.asarray(cot, v.dtype) * f(
+            grads = [jax.grad(lambda v, z=z: jnp.sum(jnp.asarray(cot, v.dtype) * f(
                 v, "none", z)))(v) for z in (False, True)]
             return values, grads
 
@@ -429,7 +429,7 @@ class TestDecoders:
         tl = jnp.array([20, 15, 20, 9])
         g_labels, g_len = S.ctc_greedy_decode(jnp.asarray(x), tl)
         for width in (1, 4):
-            b_labels, b_len = jax.jit(lambda v: _beam(
+            b_labels, b_len = jax.jit(lambda v, width=width: _beam(
                 v, tl, beam_width=width))(jnp.asarray(x))
             np.testing.assert_array_equal(b_len, g_len)
             np.testing.assert_array_equal(b_labels, g_labels)
