@@ -55,6 +55,18 @@ def compute_dtype(*arrays) -> jnp.dtype:
     return dtype
 
 
+def hyperparameter(value, dtype):
+    """A float hyperparameter as the math uses it.
+
+    A Python number stays as it is (weakly typed, so it follows the data's dtype); an
+    array, traced or not (a schedule, a learnable value, a NumPy scalar), is cast to
+    the compute `dtype`, which keeps the loss's dtype rule and lets its gradient flow.
+    """
+    if type(value) in (int, float):
+        return value
+    return jnp.asarray(value).astype(dtype)
+
+
 def _axes(axis_name: AxisName) -> tuple:
     if axis_name is None:
         return ()

@@ -7,7 +7,14 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from lossjax import _checks
-from lossjax._reduce import AxisName, compute_dtype, kept_mask, reduce_loss, sanitize
+from lossjax._reduce import (
+    AxisName,
+    compute_dtype,
+    hyperparameter,
+    kept_mask,
+    reduce_loss,
+    sanitize,
+)
 
 __all__ = [
     "binary_cross_entropy",
@@ -22,15 +29,6 @@ __all__ = [
     "squared_hinge_loss",
 ]
 LOSS_NAMES = tuple(__all__)
-
-
-def _hyper(value, dtype):
-    """A float hyperparameter as the math uses it: a Python number as given (weakly
-    typed), anything else (a traced schedule, a NumPy scalar) in the compute `dtype`,
-    so that it never widens the result's dtype."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return value
-    return jnp.asarray(value).astype(dtype)
 
 
 def _softcap(logits: jax.Array, cap) -> jax.Array:
@@ -263,7 +261,7 @@ def cross_entropy(
     if label_weight is not None:
         nll = label_weight * nll
     if not _checks.is_zero(label_smoothing):
-        eps = _hyper(label_smoothing, x.dtype)
+        eps = hyperparameter(label_smoothing, x.dtype)
         nll = (1.0 - eps) * nll + eps * _uniform_term(x, lse, kept, class_weights)
     entry = _add_z_loss(nll, lse, z_loss)
     entry = jnp.where(in_range, entry, jnp.nan)
@@ -276,7 +274,7 @@ def _softcap_and_logsumexp(x, kept, logit_softcap):
     as the loss uses them)."""
     if logit_softcap is not None:
         # tanh's derivative at an excluded NaN would be NaN: sanitize first.
-        x = _softcap(sanitize(x, kept, 0, axis=-1), _hyper(logit_softcap, x.dtype))
+        x = _softcap(sanitize(x, kept, 0, axis=-1), hyperparameter(logit_softcap, x.dtype))
     # Exact without sanitize: _masked_logsumexp's custom JVP masks inside its own
     # passes (a sanitizing pass over [..., K] is slow on CPU); the gather's and the
     # means' derivatives do not depend on the values; reduce_loss drops the entries.
@@ -305,7 +303,7 @@ def _add_z_loss(entry, lse, z_loss):
     # PaLM's z-loss; lse is already 0 in excluded rows.
     if _checks.is_zero(z_loss):
         return entry
-    return entry + _hyper(z_loss, lse.dtype) * lse**2
+    return entry + hyperparameter(z_loss, lse.dtype) * lse**2
 
 
 def _cross_entropy_soft(logits, targets, *, axis, label_smoothing, class_weights,
@@ -334,7 +332,7 @@ def _cross_entropy_soft(logits, targets, *, axis, label_smoothing, class_weights
         # never meets an excluded row's NaN target.
         t = sanitize(t, kept, 0, axis=-1)
     if smoothing:
-        eps = _hyper(label_smoothing, dtype)
+        eps = hyperparameter(label_smoothing, dtype)
         t = (1.0 - eps) * t + eps / num_classes
     if class_weights is not None:
         t = t * jnp.asarray(class_weights).astype(dtype)
@@ -463,7 +461,7 @@ def binary_cross_entropy(
     x, t, kept = _elementwise_setup("binary_cross_entropy", logits, targets, where,
                                     name="logits")
     if not _checks.is_zero(label_smoothing):
-        eps = _hyper(label_smoothing, x.dtype)
+        eps = hyperparameter(label_smoothing, x.dtype)
         t = (1.0 - eps) * t + 0.5 * eps
     # -log sigmoid(+-x) = softplus(-+x) = max(-+x, 0) + log1p(exp(-|x|)): both share one
     # exp and one log1p (two log_sigmoid calls cost 1.5x on CPU), every term is >= 0
@@ -603,7 +601,7 @@ def sigmoid_focal_loss(
     if not _checks.is_zero(gamma):
         entry = entry * _sigmoid_focal_factor(x, t, jnp.asarray(gamma).astype(x.dtype))
     if alpha is not None:
-        alpha = _hyper(alpha, x.dtype)
+        alpha = hyperparameter(alpha, x.dtype)
         entry = (alpha * t + (1.0 - alpha) * (1.0 - t)) * entry
     return reduce_loss(entry, kept=kept, weights=weights, reduction=reduction,
                        axis_name=axis_name)
@@ -689,7 +687,7 @@ def focal_loss(
             # log(1 - p_y) = logsumexp over k != y minus logsumexp over all: exact even
             # where p_y rounds to 1, so no 0 * inf in the derivatives.
             log_q = jax.nn.logsumexp(x, axis=-1, where=others) - lse
-            entry = jnp.exp(_hyper(gamma, x.dtype) * log_q) * entry
+            entry = jnp.exp(hyperparameter(gamma, x.dtype) * log_q) * entry
     label_weight = _label_weight(class_weights, safe_labels, x.dtype)
     if label_weight is not None:
         entry = label_weight * entry
@@ -766,7 +764,7 @@ def poly1_cross_entropy(
     nll = (_masked_logsumexp(x, _all_kept(kept, x.shape[:-1]))
            - _take_kept_label(x, safe_labels, kept))
     # 1 - p_y = -expm1(log p_y): accurate when p_y is close to 1.
-    entry = nll - _hyper(epsilon, x.dtype) * jnp.expm1(-nll)
+    entry = nll - hyperparameter(epsilon, x.dtype) * jnp.expm1(-nll)
     label_weight = _label_weight(class_weights, safe_labels, x.dtype)
     if label_weight is not None:
         entry = label_weight * entry
@@ -897,7 +895,7 @@ def _hinge(loss, scores, targets, *, margin, squared, where, weights, reduction,
     _checks.check_range("margin", margin, low=0)
     s, t, kept = _elementwise_setup(loss, scores, targets, where, name="scores",
                                     target_rule="sign")
-    entry = jax.nn.relu(_hyper(margin, s.dtype) - t * s)
+    entry = jax.nn.relu(hyperparameter(margin, s.dtype) - t * s)
     if squared:
         entry = entry**2
     return reduce_loss(entry, kept=kept, weights=weights, reduction=reduction,
@@ -1071,7 +1069,7 @@ def multiclass_hinge_loss(
         where, name="scores")
     num_classes = s.shape[-1]
     others = jnp.arange(num_classes) != safe_labels[..., None]
-    margin = _hyper(margin, s.dtype)
+    margin = hyperparameter(margin, s.dtype)
     hinge = jax.nn.relu(margin - _take_label(s, safe_labels)[..., None] + s)
     if p == 2:
         hinge = hinge**2

@@ -27,6 +27,7 @@ from lossjax import _checks
 from lossjax._reduce import (
     AxisName,
     compute_dtype,
+    hyperparameter,
     kept_mask,
     reduce_loss,
     sanitize,
@@ -46,18 +47,6 @@ __all__ = [
     "cosine_similarity_loss",
 ]
 LOSS_NAMES = tuple(__all__)
-
-
-def _hyper(value, dtype):
-    """A float hyperparameter in the math's dtype.
-
-    A Python number stays as it is (weakly typed, so it follows the data's dtype); an
-    array, traced or not, is cast to `dtype`, which keeps the loss's dtype rule and
-    lets its gradient flow.
-    """
-    if type(value) in (int, float):
-        return value
-    return jnp.asarray(value).astype(dtype)
 
 
 def _setup(loss: str, predictions, targets, where):
@@ -223,7 +212,7 @@ def huber_loss(
     """
     _checks.check_range("delta", delta, low=0, low_open=True)
     p, t, kept = _setup("huber_loss", predictions, targets, where)
-    delta = _hyper(delta, p.dtype)
+    delta = hyperparameter(delta, p.dtype)
     d = p - t
     a = jnp.abs(d)
     # The select is on purpose: XLA:CPU fuses a select-free elementwise chain into
@@ -295,7 +284,7 @@ def smooth_l1_loss(
         # than a division per entry. A traced beta may be 0: a < 0 never holds, so the
         # loss is exactly |d|, and 1 / beta is taken at a safe 1 there (its unselected
         # branch then has a finite value and gradient, and beta's gradient is -1/2).
-        beta = _hyper(beta, p.dtype)
+        beta = hyperparameter(beta, p.dtype)
         if isinstance(beta, jax.Array):
             inv = 0.5 / jnp.where(beta > 0, beta, 1.0)
         else:
@@ -427,7 +416,7 @@ def poisson_nll(
     """
     _checks.check_range("eps", eps, low=0, low_open=True)
     p, t, kept = _setup("poisson_nll", predictions, targets, where)
-    eps = _hyper(eps, p.dtype)
+    eps = hyperparameter(eps, p.dtype)
     _checks.assert_values("poisson_nll", "targets must be >= 0.", targets >= 0, kept)
     if log_input:
         loss = jnp.exp(p) - t * p
@@ -550,7 +539,7 @@ def gaussian_nll(
     # torch's `with no_grad(): var.clamp_(min=eps)`: below eps the value is eps but
     # d(clamped)/d(variance) stays 1, so the formula's gradient at eps flows through
     # (and a traced eps gets its own gradient, 1, there).
-    eps = _hyper(eps, v.dtype)
+    eps = hyperparameter(eps, v.dtype)
     v = jnp.where(v < eps, eps + (v - jax.lax.stop_gradient(v)), v)
     loss = 0.5 * (jnp.log(v) + (p - t) ** 2 / v)
     if full:
@@ -610,7 +599,7 @@ def quantile_loss(
     _checks.check_range("quantile", quantile, low=0, high=1, low_open=True,
                         high_open=True)
     p, t, kept = _setup("quantile_loss", predictions, targets, where)
-    quantile = _hyper(quantile, p.dtype)
+    quantile = hyperparameter(quantile, p.dtype)
     r = t - p
     loss = jnp.maximum(quantile * r, (quantile - 1.0) * r)
     return reduce_loss(loss, kept=kept, weights=weights, reduction=reduction,
@@ -665,7 +654,7 @@ def mean_absolute_percentage_error(
     """
     _checks.check_range("eps", eps, low=0, low_open=True)
     p, t, kept = _setup("mean_absolute_percentage_error", predictions, targets, where)
-    eps = _hyper(eps, p.dtype)
+    eps = hyperparameter(eps, p.dtype)
     loss = 100.0 * jnp.abs(t - p) / jnp.maximum(jnp.abs(t), eps)
     return reduce_loss(loss, kept=kept, weights=weights, reduction=reduction,
                        axis_name=axis_name)
@@ -806,7 +795,7 @@ def cosine_similarity_loss(
     t = sanitize(t, kept, 0, axis=-1).astype(dtype)
     # (p . t) / (|p| |t|) equals the sum of the normalized vectors' products with
     # one division per vector instead of two per element.
-    eps = _hyper(eps, dtype)
+    eps = hyperparameter(eps, dtype)
     norms = (_norm_clamped(p, eps) * _norm_clamped(t, eps))[..., 0]
     cos = jnp.sum(p * t, axis=-1) / norms
     return reduce_loss(1.0 - cos, kept=kept, weights=weights,
