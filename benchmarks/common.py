@@ -2,7 +2,7 @@
 
 A benchmark module defines `CASES` (a list of case names) and `measure(case) -> dict`
 (numbers for that case, measured in the current process), and calls
-`common.main(__name__, CASES, measure, ...)` from its `__main__` block. `main` re-runs
+`common.main("benchmarks.<name>", CASES, measure, ...)` from its `__main__` block. `main` re-runs
 the module once per case and repetition in a fresh interpreter (`--case NAME`), so no
 case inherits another's compilation cache, allocator state or peak memory, and reports
 the median over processes.

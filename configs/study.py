@@ -17,9 +17,10 @@ loss is swept over; each loss's rate is chosen on a validation split of
 Language modelling (`lm`, `configs/lm.py`) compares `cross_entropy` on materialized
 logits, the fused `linear_cross_entropy`, and the fused loss with z-loss and with
 label smoothing, on the plain test cross-entropy (perplexity alongside). To keep the
-whole study at minutes on a 2-core CPU it runs a cut-down budget: 150 steps instead
-of 300, 64-token windows instead of 128, 64 test windows (4k tokens) instead of 128;
-the report's caveats say so. `python -m experiments.main --config=configs/lm.py`
+whole study within 10 minutes on a 2-core CPU it runs a cut-down budget: 150 steps
+of 8 windows instead of 300 of 16, 64-token windows instead of 128, 64 test windows
+(4k tokens) instead of 128; speech (`asr`) trains 300 steps instead of 400; the
+report's caveats say so. `python -m experiments.main --config=configs/lm.py`
 runs the full setting of one loss.
 """
 
@@ -32,39 +33,52 @@ from configs import common
 # The language model's cut-down budget in the study (see the module docstring).
 LM_OVERRIDES = {
     "num_train_steps": 150, "eval_every_steps": 50, "checkpoint_every_steps": 150,
-    "optimizer": {"warmup_steps": 15},
+    "batch_size": 8, "optimizer": {"warmup_steps": 15},
     "data": {"kwargs": {"seq_len": 64, "max_test_windows": 64}},
 }
 
-# Speech: test and validation error rates (beam search over every run of the sweep)
-# at the middle and the end only.
-ASR_OVERRIDES = {"eval_every_steps": 200}
+# Speech: a cut-down budget (300 steps instead of 400; see CAVEATS), test and
+# validation error rates (beam search over every run of the sweep) at the middle and
+# the end only.
+ASR_OVERRIDES = {"num_train_steps": 300, "eval_every_steps": 150,
+                 "checkpoint_every_steps": 300}
 
 # What the report's caveats say about a scenario's study setting.
 CAVEATS = {
-    "lm": "the study runs a cut-down budget (150 steps of 16 windows of 64 tokens, "
+    "lm": "the study runs a cut-down budget (150 steps of 8 windows of 64 tokens, "
           "test metrics on 64 held-out windows, 4k tokens) against `configs/lm.py`'s "
-          "300 steps of 128-token windows and 128 test windows: the model is far from "
-          "converged, and the ranking of z-loss and label smoothing may change with "
-          "longer training.",
+          "300 steps of 16 windows of 128 tokens and 128 test windows: the model is "
+          "far from converged, and the ranking of z-loss and label smoothing may "
+          "change with longer training.",
+    "asr": "the study trains 300 steps against `configs/asr.py`'s 400 (error rates "
+           "at the end are higher than a full run's).",
 }
 
-# name -> (config module, title, overrides of the full study, peak learning rates
-# of the sweep: the task config's own rate and the rates a factor ~3 either side);
-# the order is the report's order. The language model keeps one rate: its runs
-# compare one function computed two ways plus two of its options.
+# name -> the config module that defines the task, the report's title, overrides of
+# the full study (nested as the config is), the peak learning rates of the sweep (the
+# task config's own rate and the rates a factor ~3 either side) and how the sweep's
+# members share the CPU (`experiments.sweep.STRATEGIES`: "vmap", one vmapped
+# program, or "loop", one compiled step for each member in turn; the faster one,
+# measured by `python -m benchmarks.sweep_members`). The order is the report's
+# order. The language model keeps one rate: its runs compare one function computed
+# two ways plus two of its options.
 SCENARIOS = {
-    "digits": ("configs.digits", "Image classification (digits, CNN)", {},
-               (1e-3, 3e-3, 1e-2)),
-    "text": ("configs.text", "Text classification (stdlib docstrings)", {},
-             (1e-2, 3e-2, 1e-1)),
-    "regression": ("configs.regression", "Regression (diabetes, MLP)", {},
-                   (3e-4, 1e-3, 3e-3)),
-    "asr": ("configs.asr", "Speech recognition (espeak-ng words, conv + CTC)",
-            ASR_OVERRIDES,
-            (1e-3, 3e-3, 1e-2)),
-    "lm": ("configs.lm", "Language modelling (stdlib source, transformer)",
-           LM_OVERRIDES, (3e-3,)),
+    "digits": {"config": "configs.digits",
+               "title": "Image classification (digits, CNN)",
+               "overrides": {}, "rates": (1e-3, 3e-3, 1e-2), "members": "loop"},
+    "text": {"config": "configs.text",
+             "title": "Text classification (stdlib docstrings)",
+             "overrides": {}, "rates": (1e-2, 3e-2, 1e-1), "members": "loop"},
+    "regression": {"config": "configs.regression",
+                   "title": "Regression (diabetes, MLP)",
+                   "overrides": {}, "rates": (3e-4, 1e-3, 3e-3), "members": "vmap"},
+    "asr": {"config": "configs.asr",
+            "title": "Speech recognition (espeak-ng words, conv + CTC)",
+            "overrides": ASR_OVERRIDES, "rates": (1e-3, 3e-3, 1e-2),
+            "members": "loop"},
+    "lm": {"config": "configs.lm",
+           "title": "Language modelling (stdlib source, transformer)",
+           "overrides": LM_OVERRIDES, "rates": (3e-3,), "members": "vmap"},
 }
 # The share of each task's training data held out to choose the learning rate.
 VALIDATION_FRACTION = 0.2
@@ -72,12 +86,12 @@ VALIDATION_FRACTION = 0.2
 SMOKE_TASKS = ("digits", "text", "regression", "asr")
 
 
-def scenario(name: str, module: str, title: str, overrides: dict, rates: tuple, *,
-             smoke: bool) -> mlc.ConfigDict:
-    mod = importlib.import_module(module)
+def scenario(name: str, *, config: str, title: str, overrides: dict, rates: tuple,
+             members: str, smoke: bool) -> mlc.ConfigDict:
+    mod = importlib.import_module(config)
     losses = tuple(mod.LOSSES)
     return mlc.ConfigDict({
-        "config": module,
+        "config": config,
         "title": title,
         # Smoke: the first two losses only.
         "losses": losses[:2] if smoke else losses,
@@ -89,6 +103,7 @@ def scenario(name: str, module: str, title: str, overrides: dict, rates: tuple, 
         "caveat": "" if smoke else CAVEATS.get(name, ""),
         # Smoke: two rates, enough to exercise the choice.
         "learning_rates": rates[1:] if smoke and len(rates) > 1 else rates,
+        "members": members,
     })
 
 
@@ -106,5 +121,5 @@ def get_config(arg=None):
     c.validation_fraction = VALIDATION_FRACTION
     c.order = tuple(names)  # ConfigDict iterates its keys sorted; the report does not
     c.scenarios = mlc.ConfigDict(
-        {n: scenario(n, *SCENARIOS[n], smoke=smoke) for n in names})
+        {n: scenario(n, **SCENARIOS[n], smoke=smoke) for n in names})
     return c

@@ -117,7 +117,7 @@ def sweep_table(sweeps: list[dict], task: str, metric: str) -> str:
     rows = [r for r in sweeps if r["task"] == task]
     rates = sorted({r["learning_rate"] for r in rows})
     val = metric.replace("test/", "val/", 1)
-    name = METRIC_NAMES.get(metric, metric)
+    name = METRIC_NAMES.get(metric, metric).removeprefix("test ")
     lines = ["| loss | " + " | ".join(f"{lr:g}" for lr in rates) + " |",
              "|" + "---|" * (len(rates) + 1)]
     for loss in dict.fromkeys(r["loss"] for r in rows):
@@ -269,9 +269,13 @@ def write_report(workdir: pathlib.Path, records: list[dict], tasks: dict[str, di
             tables[-1] += "\n" + comparison
     lines += ["", "## Appendix", "", "### Learning-rate sweep", ""]
     for task, info in tasks.items():
-        if any(r["task"] == task for r in sweeps):
+        rates = {r["learning_rate"] for r in sweeps if r["task"] == task}
+        if len(rates) > 1:
             lines += [f"**{info['title']}**", "",
                       sweep_table(sweeps, task, info["metric"]), ""]
+        elif rates:
+            lines += [f"**{info['title']}**: one learning rate ({rates.pop():g}), "
+                      "no sweep and no validation split (see the caveats).", ""]
     lines += ["### Metrics", ""]
     lines += [
         "- *test accuracy*: fraction of held-out examples whose arg-max output is the "

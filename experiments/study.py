@@ -34,7 +34,7 @@ from experiments import data as data_lib
 from experiments import models, report, sweep, tasks
 
 
-def _task_config(scen: mlc.ConfigDict, label: str, seed: int, smoke: bool):
+def task_config(scen: mlc.ConfigDict, label: str, seed: int, smoke: bool):
     module = importlib.import_module(scen.config)
     config = module.get_config(f"loss={label}" + (",smoke" if smoke else ""))
     with config.unlocked():
@@ -76,8 +76,9 @@ def _setup_lines(config: mlc.ConfigDict, cache_dir: pathlib.Path) -> list[str]:
 
 
 def choose_rate(members: list[dict], metric: str, mode: str) -> float:
-    """The learning rate with the best mean validation `metric` over seeds (a rate
-    with a diverged seed is never chosen unless every rate diverged)."""
+    """The learning rate with the best mean validation `metric` over seeds. A rate at
+    which any seed diverged is never chosen unless every rate had a diverged seed;
+    among those, the best finite mean wins."""
     key = metric.replace("test/", "val/", 1)
     rates = list(dict.fromkeys(m["learning_rate"] for m in members))
     if len(rates) == 1:
@@ -85,28 +86,37 @@ def choose_rate(members: list[dict], metric: str, mode: str) -> float:
     sign = 1 if mode == "min" else -1
 
     def badness(rate):
-        values = [m["summary"].get(key, math.nan) for m in members
-                  if m["learning_rate"] == rate]
-        mean = statistics.fmean(values)
-        return (not math.isfinite(mean), sign * mean if math.isfinite(mean) else 0.0)
+        runs = [m for m in members if m["learning_rate"] == rate]
+        diverged = any(m["diverged_at"] is not None for m in runs)
+        mean = statistics.fmean(m["summary"].get(key, math.nan) for m in runs)
+        finite = math.isfinite(mean)
+        return (diverged, not finite, sign * mean if finite else 0.0)
 
     return min(rates, key=badness)
 
 
 def _sweep(config, scen, label, workdir: pathlib.Path) -> list[dict]:
-    """The sweep of one (task, loss), from its `sweep.json` if an earlier study
-    finished it."""
+    """The sweep of one (task, loss), from its `sweep.json` if an earlier study ran
+    the same plan (the task's config, seeds, rates and validation split)."""
     path = workdir / "sweep.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    _, cfg = _task_config(scen, label, 0, config.smoke)
+    _, cfg = task_config(scen, label, 0, config.smoke)
     rates = tuple(scen.learning_rates)
+    fraction = config.validation_fraction if len(rates) > 1 else None
+    # Round-tripped through JSON so that it compares equal to the stored one.
+    plan = json.loads(json.dumps({
+        "config": json.loads(cfg.to_json()), "seeds": list(config.seeds),
+        "learning_rates": list(rates), "validation_fraction": fraction}))
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if isinstance(stored, dict) and stored.get("plan") == plan:
+            return stored["members"]
+        logging.getLogger("experiments").warning(
+            "%s was written for another plan; sweeping again.", path)
     members = sweep.run(cfg, config.seeds, rates, cache_dir=workdir.parents[1] / "data",
-                        validation_fraction=(config.validation_fraction
-                                             if len(rates) > 1 else None))
+                        validation_fraction=fraction, members=scen.members)
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(members) + "\n")
+        path.write_text(json.dumps({"plan": plan, "members": members}) + "\n")
     return members
 
 
@@ -123,14 +133,14 @@ def run_study(config: mlc.ConfigDict, workdir: str) -> str:
     for name in order:
         scen = config.scenarios[name]
         for label in scen.losses:
-            _, cfg = _task_config(scen, label, 0, config.smoke)
+            _, cfg = task_config(scen, label, 0, config.smoke)
             if cfg.loss.name not in lossjax.LOSSES:
                 skipped.append(f"{name}/{label}: `lossjax.{cfg.loss.name}` is not "
                                "registered in this version of lossjax.")
                 continue
             plan.append((name, scen, label))
         if any(p[0] == name for p in plan):
-            _, cfg0 = _task_config(scen, scen.losses[0], 0, config.smoke)
+            _, cfg0 = task_config(scen, scen.losses[0], 0, config.smoke)
             arg = f"loss=<label>{',smoke' if config.smoke else ''}"
             tasks[name] = {"title": scen.title, "metric": scen.metric,
                            "mode": scen.mode,
@@ -147,7 +157,7 @@ def run_study(config: mlc.ConfigDict, workdir: str) -> str:
     for name, scen, label in plan:
         if bar is not None:
             bar.set_postfix_str(f"{name} / {label}")
-        _, cfg = _task_config(scen, label, 0, config.smoke)
+        _, cfg = task_config(scen, label, 0, config.smoke)
         members = _sweep(config, scen, label, workdir / name / label)
         rate = choose_rate(members, scen.metric, scen.mode)
         common = {"task": name, "loss": label, "metric": scen.metric,

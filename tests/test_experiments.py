@@ -454,7 +454,7 @@ def test_study_smoke_writes_report_tables_and_plots(tmp_path):
     assert steps.TRACE_COUNT["train_step"] - before == 7
     # Each loss's rate is its best mean validation metric among the swept rates.
     sweep = json.loads((tmp_path / "digits" / "cross_entropy" / "sweep.json")
-                       .read_text())
+                       .read_text())["members"]
     assert {m["learning_rate"] for m in sweep} == set(
         config.scenarios.digits.learning_rates) and len(sweep) == 4
     val = {lr: np.mean([m["summary"]["val/accuracy"] for m in sweep
@@ -470,6 +470,7 @@ def test_study_smoke_writes_report_tables_and_plots(tmp_path):
     assert report.count(" wins on ") == 3  # asr has one loss: no contest
     assert "## Appendix" in report and "### Caveats" in report
     assert "### Learning-rate sweep" in report and "| learning rate |" in tables
+    assert "Validation accuracy (test accuracy in brackets)" in report
     assert "study wall time" in tables and "study wall time" in report
     for label in ("cross_entropy", "label_smoothing", "squared_error",
                   "absolute_error"):
@@ -551,7 +552,7 @@ def test_study_config_has_the_lm_scenario_with_a_cut_budget():
     assert lm.metric == "test/loss" and lm.caveat
     from experiments import study
 
-    _, config = study._task_config(lm, "z_loss", 1, False)
+    _, config = study.task_config(lm, "z_loss", 1, False)
     assert config.num_train_steps == 150 and config.seed == 1
     assert config.data.kwargs.seq_len == 64 and config.loss.kwargs.z_loss > 0
     schema.validate_config(config)
