@@ -5,7 +5,7 @@ Utterances of 1 to 4 words (ten digits, eight commands) are synthesized with esp
 character by character with `ctc_loss`; test voices are never heard in training.
 Reports greedy and beam-search character and word error rates (`test/cer_greedy`,
 `test/cer_beam`, `test/wer_greedy`, `test/wer_beam`). The data set is generated on
-first use (about a minute on 2 cores) and cached in `<workdir>/data`. Needs espeak-ng
+first use (about 20 s on 2 cores) and cached in `<workdir>/data`. Needs espeak-ng
 (`sudo apt-get install -y espeak-ng`; `launch.sh` installs it).
 
     ./launch.sh cpu experiments.main --config=configs/asr.py --workdir=runs/asr
