@@ -2,10 +2,10 @@
 
 A benchmark module defines `CASES` (a list of case names) and `measure(case) -> dict`
 (numbers for that case, measured in the current process), and calls
-`common.main("benchmarks.<name>", CASES, measure, ...)` from its `__main__` block. `main` re-runs
-the module once per case and repetition in a fresh interpreter (`--case NAME`), so no
-case inherits another's compilation cache, allocator state or peak memory, and reports
-the median over processes.
+`common.main("benchmarks.<name>", CASES, measure, ...)` from its `__main__` block.
+`main` re-runs the module once per case and repetition in a fresh interpreter
+(`--case NAME`), so no case inherits another's compilation cache, allocator state or
+peak memory, and reports the median over processes.
 
 With `interleave=True`, cases that share a group (the part of the name before '/', e.g.
 the implementations of one loss) run in turns: process 1 of every case in the group,
@@ -33,7 +33,8 @@ from experiments import memory
 
 def block(x):
     """Waits for every array in a pytree (JAX or torch) to be computed."""
-    return jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
+    return jax.tree.map(
+        lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
 
 
 def median_time(

@@ -138,7 +138,7 @@ def _table(results):
                 row[f"vs_{other}"] = r["time_ms"] / base["time_ms"]
         base = by_key.get((r.get("size"), "lossjax@base", r.get("mode")), {})
         pairs = [(a["time_ms"], b["time_ms"]) for a, b in
-                 zip(r.get("runs", ()), base.get("runs", ()))
+                 zip(r.get("runs", ()), base.get("runs", ()), strict=False)
                  if "time_ms" in a and "time_ms" in b]
         if pairs:  # the repetitions ran side by side: paired ratios
             row["vs_base"] = statistics.median(a / b for a, b in pairs)

@@ -152,7 +152,8 @@ def _table(results):
             if "call_rss_mib" in r and b.get("call_rss_mib"):
                 row["call_rss_vs_naive_lg"] = r["call_rss_mib"] / b["call_rss_mib"]
             if "device_peak_mib" in r and "device_peak_mib" in b:
-                row["device_peak_vs_naive_lg"] = r["device_peak_mib"] / b["device_peak_mib"]
+                row["device_peak_vs_naive_lg"] = (r["device_peak_mib"]
+                                                  / b["device_peak_mib"])
         rows.append(row)
     columns = ["shape", "impl", "mode", "time_s", "time_vs_naive_lg", "peak_rss_mib",
                "rss_vs_naive_lg", "call_rss_mib", "call_rss_vs_naive_lg",

@@ -42,8 +42,8 @@ from benchmarks import common
 # Classification inputs [rows, classes]; elementwise inputs [rows * classes].
 ROWS, CLASSES = 4096, 512
 ELEMENTS = ROWS * CLASSES
-# Each call takes about a millisecond, where scheduler noise on a small machine is large:
-# many timed calls per process keep the median steady (see the module docstring).
+# Each call takes about a millisecond, where scheduler noise on a small machine is
+# large: many timed calls per process keep the median steady (see the module docstring).
 REPEATS = 101
 # A whole process can run slow (another process's busy spell; under a load of 7 on 2
 # cores, one of 5 paired ratios of two identical programs was 2x): the median over 5
@@ -57,7 +57,8 @@ def _inputs(kind: str):
     if kind == "int_labels":
         return f32(ROWS, CLASSES), rng.integers(0, CLASSES, ROWS).astype(np.int32)
     if kind == "binary":
-        return f32(ROWS, CLASSES), rng.integers(0, 2, (ROWS, CLASSES)).astype(np.float32)
+        labels = rng.integers(0, 2, (ROWS, CLASSES)).astype(np.float32)
+        return f32(ROWS, CLASSES), labels
     if kind == "signs":
         return f32(ELEMENTS), np.sign(f32(ELEMENTS)).astype(np.float32)
     if kind == "regression":
@@ -65,11 +66,13 @@ def _inputs(kind: str):
     if kind == "positive_targets":
         return f32(ELEMENTS), rng.poisson(2.0, ELEMENTS).astype(np.float32)
     if kind == "gaussian":
-        return f32(ELEMENTS), f32(ELEMENTS), rng.uniform(0.5, 2, ELEMENTS).astype(np.float32)
+        scale = rng.uniform(0.5, 2, ELEMENTS).astype(np.float32)
+        return f32(ELEMENTS), f32(ELEMENTS), scale
     if kind == "distributions":
         x = f32(ROWS, CLASSES)
         log_p = x - np.log(np.exp(x).sum(-1, keepdims=True))
-        return log_p.astype(np.float32), rng.dirichlet(np.ones(CLASSES), ROWS).astype(np.float32)
+        target = rng.dirichlet(np.ones(CLASSES), ROWS).astype(np.float32)
+        return log_p.astype(np.float32), target
     if kind == "two_logits":
         return f32(ROWS, CLASSES), f32(ROWS, CLASSES)
     if kind == "vectors":
@@ -207,7 +210,7 @@ def summarize(results: list[dict]) -> list[dict]:
     by_case = {r["case"]: r for r in results}
     rows = []
     for name in INPUTS:
-        get = lambda impl, key: by_case.get(f"{name}/{impl}", {}).get(key)
+        get = lambda impl, key, name=name: by_case.get(f"{name}/{impl}", {}).get(key)
         if get("lossjax", "forward_ms") is None:
             continue
         row = {"loss": name}
@@ -234,8 +237,8 @@ if __name__ == "__main__":
     results = common.main("benchmarks.losses", CASES, measure,
                           processes=PROCESSES, interleave=True)
     if results is not None:
-        print(f"\nload average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} "
-              f"at the end, {os.cpu_count()} cores")
+        print(f"\nload average {load_before:.1f} at the start, "
+              f"{os.getloadavg()[0]:.1f} at the end, {os.cpu_count()} cores")
         print(f"float32, classification [{ROWS}, {CLASSES}], elementwise [{ELEMENTS}]; "
               "times: median over processes of the median of "
               f"{REPEATS} calls; ratio = median over processes of lossjax / faster of "

@@ -4,7 +4,8 @@ Run (any loss from LOSSES below, or any registry name):
 
     ./launch.sh cpu experiments.main --config=configs/digits.py:loss=focal_loss \
         --workdir=runs/digits_focal
-    python -m experiments.main --config=configs/digits.py:smoke --workdir=runs/digits_smoke
+    python -m experiments.main --config=configs/digits.py:smoke \
+        --workdir=runs/digits_smoke
 
 Arguments (comma string after `:`): `loss=<label>`, `smoke` (a few steps, seconds).
 Override any field with `--config.optimizer.learning_rate=3e-3`.

@@ -5,7 +5,8 @@ the original units. `gaussian_nll` uses a two-output head (mean, softplus varian
 
     ./launch.sh cpu experiments.main --config=configs/regression.py:loss=huber_loss \
         --workdir=runs/diabetes_huber
-    python -m experiments.main --config=configs/regression.py:smoke --workdir=runs/regression_smoke
+    python -m experiments.main --config=configs/regression.py:smoke \
+        --workdir=runs/regression_smoke
 
 Arguments (comma string after `:`): `loss=<label>`, `smoke`.
 """

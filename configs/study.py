@@ -2,7 +2,8 @@
 
     ./launch.sh        # = python -m experiments.study --config=configs/study.py \
                        #       --workdir=runs/study
-    python -m experiments.study --config=configs/study.py:smoke --workdir=runs/study_smoke
+    python -m experiments.study --config=configs/study.py:smoke \
+        --workdir=runs/study_smoke
 
 Arguments (comma string after `:`): `smoke` (2 losses per task, 2 seeds x 2 rates, a few
 steps: seconds, for the tests; all tasks but `lm` unless `tasks` names it),

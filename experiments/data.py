@@ -110,7 +110,7 @@ def _stdlib_docstrings(packages) -> list[tuple[str, int]]:
 def _hash_tokens(text: str, num_buckets: int, max_len: int) -> np.ndarray:
     """Hashed word unigrams and bigrams; 0 is padding, ids are 1..num_buckets-1."""
     words = _WORD.findall(text.lower())
-    grams = words + [a + " " + b for a, b in zip(words, words[1:])]
+    grams = words + [a + " " + b for a, b in zip(words, words[1:], strict=False)]
     # crc32, not hash(): Python's str hash is salted per process.
     ids = [1 + zlib.crc32(g.encode()) % (num_buckets - 1) for g in grams[:max_len]]
     out = np.zeros(max_len, np.int32)

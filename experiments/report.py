@@ -71,7 +71,7 @@ def summarize(records: list[dict]) -> dict[str, list[dict]]:
                             if k.startswith("test/") and k != metric})
             row["extra"] = {k: _mean_std([r["summary"].get(k) for r in runs])
                             for k in extra}
-            cost = lambda key: _mean_std([r["summary"][key] for r in runs])
+            cost = lambda key, runs=runs: _mean_std([r["summary"][key] for r in runs])
             row["wall_seconds"] = cost("wall_seconds")
             row["first_step_seconds"] = cost("first_step_seconds")
             row["steps_per_sec"] = cost("steps_per_sec")

@@ -28,7 +28,7 @@ def error_rates(decoded, labels, label_lengths, space_id: int = 1) -> dict:
 
     edits = {"cer": 0, "wer": 0}
     totals = {"cer": 0, "wer": 0}
-    for h, hl, r, rl in zip(*decoded, labels, label_lengths):
+    for h, hl, r, rl in zip(*decoded, labels, label_lengths, strict=True):
         hyp, ref = h[:hl], r[:rl]
         edits["cer"] += edit_distance(hyp, ref)
         totals["cer"] += len(ref)

@@ -237,7 +237,8 @@ def run(config: mlc.ConfigDict, seeds, learning_rates, *,
                    for s in seeds}
         idx = np.stack([by_seed[s] for s, _ in runs]).astype(np.int32)
         if i == 0:
-            compiled, inputs, per_step = strategy.compiled_step(state, train_arrays, idx)
+            compiled, inputs, per_step = strategy.compiled_step(state, train_arrays,
+                                                                idx)
         state, step_metrics = strategy.step(state, train_arrays, idx)
         pending.append(step_metrics)
         done, last = i + 1, i + 1 == num_steps

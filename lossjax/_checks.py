@@ -3,9 +3,9 @@
 Shape and dtype rules run while a loss traces and raise at once: ValueError naming the
 argument and both shapes, TypeError for a wrong dtype.
 
-Value rules (labels in range, targets in [0, 1], finite inputs; kept entries only) cannot
-raise under `jit`. They are written as chex value assertions that are traced only while
-`checked(fn)` traces `fn`; outside it they cost nothing and never fire.
+Value rules (labels in range, targets in [0, 1], finite inputs; kept entries only)
+cannot raise under `jit`. They are written as chex value assertions that are traced
+only while `checked(fn)` traces `fn`; outside it they cost nothing and never fire.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def check_rank(name: str, x, rank: int | Sequence[int], *, at_least=False) -> No
 
 
 def check_shape(name: str, x, expected: Sequence[int], *, against: str) -> None:
-    """Raises unless `x.shape == expected`; `against` names where `expected` comes from."""
+    """Raises unless `x.shape == expected`; `against` names where `expected` comes
+    from."""
     if tuple(jnp.shape(x)) != tuple(expected):
         raise ValueError(
             f"{name} has shape {jnp.shape(x)}, but {against} requires shape "

@@ -233,8 +233,8 @@ def reduce_loss(
     else:
         normalizer = jnp.broadcast_to(normalizer.astype(loss.dtype), loss.shape)
     if kept is not None:
-        # Mask the weights too: an excluded entry's weight may itself be NaN, and it must
-        # vanish from the mean's denominator.
+        # Mask the weights too: an excluded entry's weight may itself be NaN, and it
+        # must vanish from the mean's denominator.
         zero = jnp.zeros((), loss.dtype)
         loss, weights, normalizer = (
             None if a is None else jnp.where(kept, a, zero)
@@ -255,8 +255,8 @@ def reduce_loss(
     count = global_sum(count, axis_name)
     if reduction == "sum_and_weight":
         return total, count
-    # Two wheres: the inner one keeps the division finite so that its gradient, which the
-    # outer one discards when nothing is kept, is not NaN.
+    # Two wheres: the inner one keeps the division finite so that its gradient, which
+    # the outer one discards when nothing is kept, is not NaN.
     nonzero = count != 0
     return jnp.where(nonzero, total / jnp.where(nonzero, count, 1), 0).astype(
         loss.dtype

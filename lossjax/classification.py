@@ -274,7 +274,8 @@ def _softcap_and_logsumexp(x, kept, logit_softcap):
     as the loss uses them)."""
     if logit_softcap is not None:
         # tanh's derivative at an excluded NaN would be NaN: sanitize first.
-        x = _softcap(sanitize(x, kept, 0, axis=-1), hyperparameter(logit_softcap, x.dtype))
+        x = _softcap(sanitize(x, kept, 0, axis=-1),
+                     hyperparameter(logit_softcap, x.dtype))
     # Exact without sanitize: _masked_logsumexp's custom JVP masks inside its own
     # passes (a sanitizing pass over [..., K] is slow on CPU); the gather's and the
     # means' derivatives do not depend on the values; reduce_loss drops the entries.

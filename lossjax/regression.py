@@ -449,7 +449,8 @@ def _variance_to_shape(variance, shape: tuple[int, ...]) -> jax.Array:
         # torch's homoscedastic case: one variance per row of the last axis (so
         # [n] against [n, n] is per row, not numpy's per column).
         variance = variance[..., None]
-    elif len(vshape) == len(shape) and all(v in (s, 1) for v, s in zip(vshape, shape)):
+    elif len(vshape) == len(shape) and all(
+            v in (s, 1) for v, s in zip(vshape, shape, strict=True)):
         pass
     else:
         raise ValueError(

@@ -235,7 +235,8 @@ def _alpha_scan(p: _Problem, save: bool):
         # per chunk and copied out. Frames past T (in the last chunk) write at T - 1
         # (dynamic indices clamp) the same frozen values as frame T - 1.
         saved = tuple(lax.dynamic_update_index_in_dim(buffer, value, t, 0)
-                      for buffer, value in zip(saved, (new_blank, new_label)))
+                      for buffer, value in zip(saved, (new_blank, new_label),
+                                               strict=True))
         return (new_blank, new_label, saved), None
 
     def renormalize(carry):
@@ -753,7 +754,7 @@ def ctc_beam_search(
         )
         # Past a sequence's length nothing changes: identity back-pointers.
         active = (t < logit_lengths)[:, None]
-        new = tuple(jnp.where(active, n, o) for n, o in zip(new, carry))
+        new = tuple(jnp.where(active, n, o) for n, o in zip(new, carry, strict=True))
         parent = jnp.where(active, parent, jnp.arange(width)[None, :])
         token = jnp.where(active, token, -1)
         return new, (parent, token)

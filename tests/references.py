@@ -13,7 +13,8 @@ import numpy as np
 def reduce(loss, *, kept=None, weights=None, reduction="mean", normalizer=None):
     """The contract's reductions, written out plainly in float64."""
     loss = np.asarray(loss, np.float64)
-    kept = np.ones(loss.shape, bool) if kept is None else np.broadcast_to(kept, loss.shape)
+    kept = (np.ones(loss.shape, bool) if kept is None
+            else np.broadcast_to(kept, loss.shape))
     w = np.ones(loss.shape) if weights is None else np.broadcast_to(weights, loss.shape)
     n = w if normalizer is None else np.broadcast_to(normalizer, loss.shape)
     out = np.where(kept, w * np.where(kept, loss, 0.0), 0.0)
@@ -332,7 +333,7 @@ def linear_cross_entropy(hidden, kernel, labels, bias=None):
     shape = np.shape(labels)
     labels = np.asarray(labels).reshape(-1)
     out = np.empty(len(labels))
-    for n, (h, y) in enumerate(zip(hidden, labels)):
+    for n, (h, y) in enumerate(zip(hidden, labels, strict=True)):
         z = h @ kernel + (0.0 if bias is None else np.asarray(bias, np.float64))
         m = z.max()
         out[n] = m + np.log(np.sum(np.exp(z - m))) - z[y]
@@ -357,7 +358,7 @@ def linear_cross_entropy_options(hidden, kernel, labels, *, bias=None,
     shape = np.shape(labels)
     labels = np.asarray(labels).reshape(-1)
     loss, norm = np.full(len(labels), np.nan), np.zeros(len(labels))
-    for n, (h, y) in enumerate(zip(hidden, labels)):
+    for n, (h, y) in enumerate(zip(hidden, labels, strict=True)):
         x = h @ kernel + (0.0 if bias is None else np.asarray(bias, np.float64))
         if logit_softcap is not None:
             x = logit_softcap * np.tanh(x / logit_softcap)

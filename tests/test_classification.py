@@ -245,7 +245,7 @@ def test_check_grads(case):
 
         def f(*float_args):
             a = list(rest)
-            for i, v in zip(case.float_args, float_args):
+            for i, v in zip(case.float_args, float_args, strict=True):
                 a[i] = v
             return case.fn(*a, **case.kwargs, where=jnp.asarray(where),
                            weights=jnp.asarray(weights), reduction="mean")
@@ -324,7 +324,7 @@ def test_where_equals_slicing_kept_entries(case):
     plain = lambda *a: case.fn(*a, **case.kwargs, weights=w[rows])
     np.testing.assert_allclose(masked(*args), plain(*sliced), rtol=1e-6)
     grad = lambda f, a: jax.jit(jax.grad(f, case.float_args))(*a)
-    for g_masked, g_plain in zip(grad(masked, args), grad(plain, sliced)):
+    for g_masked, g_plain in zip(grad(masked, args), grad(plain, sliced), strict=True):
         np.testing.assert_allclose(g_masked[rows], g_plain, rtol=1e-5, atol=1e-7)
         np.testing.assert_array_equal(g_masked[~rows], 0.0)
 
@@ -1008,7 +1008,8 @@ class TestSigmoidFocal:
                 np.testing.assert_allclose(got, want, rtol=1e-10)
 
     def test_traced_gamma(self):
-        x = jnp.array([0.5, -1.0]); t = jnp.array([1.0, 0.0])
+        x = jnp.array([0.5, -1.0])
+        t = jnp.array([1.0, 0.0])
         f = jax.jit(lambda g: C.sigmoid_focal_loss(x, t, gamma=g))
         np.testing.assert_allclose(f(2.0), C.sigmoid_focal_loss(x, t, gamma=2.0),
                                    rtol=1e-6)

@@ -178,7 +178,7 @@ def test_matches_torch(case, shape):
         np.testing.assert_allclose(out[reduction], want.detach().numpy(),
                                    rtol=1e-10, atol=1e-12)
     want.backward()  # the mean, the last reduction
-    for g, tensor in zip(grads, tensors):
+    for g, tensor in zip(grads, tensors, strict=True):
         np.testing.assert_allclose(g, tensor.grad.numpy(), rtol=1e-9, atol=1e-12)
 
 
@@ -239,7 +239,7 @@ def test_where_equals_slicing(case):
     keep = np.array([True, False, True, True, False])
     lshape = case.loss_shape(_shape(case))
     poisoned = []
-    for x, bad in zip(data, (np.nan, np.inf)):
+    for x, bad in zip(data, (np.nan, np.inf), strict=False):
         x = np.moveaxis(x.copy(), data_axis, 0)
         x[~keep] = bad
         poisoned.append(np.moveaxis(x, 0, data_axis))
@@ -251,7 +251,7 @@ def test_where_equals_slicing(case):
         sliced, where=np.ones(sliced_w.shape, bool), weights=sliced_w)
     for reduction in ("sum", "mean"):
         np.testing.assert_allclose(got[reduction], want[reduction], rtol=1e-6)
-    for gm, gs in zip(g_masked, g_sliced):
+    for gm, gs in zip(g_masked, g_sliced, strict=True):
         gm = np.moveaxis(np.asarray(gm), data_axis, 0)
         np.testing.assert_array_equal(gm[~keep], 0.0)
         np.testing.assert_allclose(gm[keep], np.moveaxis(np.asarray(gs), data_axis, 0),

@@ -67,8 +67,8 @@ def test_excluded_entries_are_zero_even_when_nan():
     loss = np.where(kept, loss, np.nan)
     weights = np.where(kept, weights, np.inf)  # an excluded weight may be bad too
     for reduction in REDUCTIONS:
-        f = lambda l, w, r=reduction: jnp.sum(reduce_loss(
-            l, kept=jnp.asarray(kept), weights=w, reduction=r))
+        f = lambda values, w, r=reduction: jnp.sum(reduce_loss(
+            values, kept=jnp.asarray(kept), weights=w, reduction=r))
         args = (jnp.asarray(loss, jnp.float32), jnp.asarray(weights, jnp.float32))
         assert np.isfinite(f(*args))
         gl, gw = jax.grad(f, argnums=(0, 1))(*args)
@@ -82,9 +82,9 @@ def test_nothing_kept_gives_zero_with_zero_finite_grads(reduction):
     loss, _, weights, norm = _data(3)
     kept = jnp.zeros(loss.shape, bool)
     for kw in ({}, {"weights": weights}, {"weights": weights, "normalizer": norm}):
-        def f(l, *ws, kw=kw):
-            named = dict(zip(kw, ws))
-            return jnp.sum(reduce_loss(l, kept=kept, reduction=reduction, **named))
+        def f(values, *ws, kw=kw):
+            named = dict(zip(kw, ws, strict=True))
+            return jnp.sum(reduce_loss(values, kept=kept, reduction=reduction, **named))
         args = [jnp.asarray(loss, jnp.float32)] + [jnp.asarray(v, jnp.float32)
                                                    for v in kw.values()]
         assert f(*args) == 0.0

@@ -280,7 +280,8 @@ def test_finite_at_1e4(case):
 @pytest.mark.parametrize("case", CASES, ids=repr)
 def test_fully_masked_is_zero_with_zero_grads(case):
     data = [jnp.full(x.shape, v, jnp.float32)
-            for x, v in zip(_data(case, _shape(case)), (np.nan, np.inf, -np.inf))]
+            for x, v in zip(_data(case, _shape(case)), (np.nan, np.inf, -np.inf),
+                            strict=False)]
     where = jnp.zeros(case.loss_shape(_shape(case)), bool)
     out, grads = _evaluate(case)(data, where=where, weights=_all_kept(case)["weights"])
     for x in jax.tree.leaves((out, grads)):
@@ -296,7 +297,7 @@ def test_where_equals_slicing(case):
     lshape = case.loss_shape(_shape(case))
     where = keep.reshape([-1 if i == loss_axis else 1 for i in range(len(lshape))])
     poisoned = []
-    for x, bad in zip(data, (np.nan, np.inf, np.nan)):
+    for x, bad in zip(data, (np.nan, np.inf, np.nan), strict=False):
         x = np.moveaxis(x.copy(), data_axis, 0)
         x[~keep] = bad
         poisoned.append(np.moveaxis(x, 0, data_axis))
@@ -308,7 +309,7 @@ def test_where_equals_slicing(case):
         sliced, where=np.ones(sliced_w.shape, bool), weights=sliced_w)
     for reduction in ("sum", "mean"):
         np.testing.assert_allclose(got[reduction], want[reduction], rtol=1e-6)
-    for gm, gs in zip(g_masked, g_sliced):
+    for gm, gs in zip(g_masked, g_sliced, strict=True):
         gm = np.moveaxis(np.asarray(gm), data_axis, 0)
         np.testing.assert_array_equal(gm[~keep], 0.0)
         np.testing.assert_allclose(gm[keep], np.moveaxis(np.asarray(gs), data_axis, 0),
@@ -547,7 +548,7 @@ class TestGaussianNLL:
             f = lambda *a: R.gaussian_nll(*a, reduction="sum")
             got, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(p, t, var)
         np.testing.assert_allclose(got, want.item(), rtol=1e-12)
-        for g, tensor in zip(grads, tensors):
+        for g, tensor in zip(grads, tensors, strict=True):
             np.testing.assert_allclose(g, tensor.grad.numpy(), rtol=1e-10)
         assert np.asarray(grads[2])[1] != 0  # not the zero gradient of a plain maximum
 

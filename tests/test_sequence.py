@@ -100,7 +100,7 @@ class TestTorchParity:
             return values, grads
 
         values, grads = ours(jnp.asarray(x, jnp.float32))
-        for (reduction, zero_infinity), got in zip(combos, values):
+        for (reduction, zero_infinity), got in zip(combos, values, strict=True):
             want, _ = _torch_ctc(x, tl, y, yl, blank=blank, reduction=reduction,
                                  zero_infinity=zero_infinity)
             np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5)
@@ -364,7 +364,7 @@ class TestVariants(chex.TestCase):
         beam = lambda x, tl: S.ctc_beam_search(x, tl, beam_width=4)
         got = jax.jit(jax.shard_map(beam, mesh=mesh, in_specs=P("data"),
                                     out_specs=P("data")))(x, tl)
-        for a, b in zip(got, jax.jit(beam)(x, tl)):
+        for a, b in zip(got, jax.jit(beam)(x, tl), strict=True):
             np.testing.assert_array_equal(a, b)
 
 
