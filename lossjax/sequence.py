@@ -233,10 +233,11 @@ def _alpha_scan(p: _Problem, save: bool):
         new_label = jnp.where(running, new_label, label)
         # Written into [T, ...] buffers carried by the loop (in place), not stacked
         # per chunk and copied out. Frames past T (in the last chunk) write at T - 1
-        # (dynamic indices clamp) the same frozen values as frame T - 1.
+        # (dynamic indices clamp) the same frozen values as frame T - 1. `saved` is
+        # empty when nothing is kept (the zip stops there).
         saved = tuple(lax.dynamic_update_index_in_dim(buffer, value, t, 0)
                       for buffer, value in zip(saved, (new_blank, new_label),
-                                               strict=True))
+                                               strict=False))
         return (new_blank, new_label, saved), None
 
     def renormalize(carry):
