@@ -42,7 +42,7 @@ def measure(case: str) -> dict:
         cfg.log_every_steps = cfg.eval_every_steps = STEPS
         cfg.optimizer.warmup_steps = min(cfg.optimizer.warmup_steps, STEPS // 2)
     members = sweep.run(cfg, config.seeds, tuple(scen.learning_rates),
-                        cache_dir="runs/study/data", members=strategy)
+                        cache_dir="runs/study/data", strategy=strategy)
     summary = members[0]["summary"]
     return {"members": len(members), "steps_per_sec": summary["steps_per_sec"],
             "first_step_s": summary["first_step_seconds"]}

@@ -57,29 +57,29 @@ CAVEATS = {
 
 # name -> the config module that defines the task, the report's title, overrides of
 # the full study (nested as the config is), the peak learning rates of the sweep (the
-# task config's own rate and the rates a factor ~3 either side) and how the sweep's
-# members share the CPU (`experiments.sweep.STRATEGIES`: "vmap", one vmapped
-# program, or "loop", one compiled step for each member in turn; the faster one,
-# measured by `python -m benchmarks.sweep_members`). The order is the report's
-# order. The language model keeps one rate: its runs compare one function computed
-# two ways plus two of its options.
+# task config's own rate and the rates a factor ~3 either side) and the `strategy`
+# by which the sweep's members share the CPU (`experiments.sweep.STRATEGIES`:
+# "vmap", one vmapped program, or "loop", one compiled step for each member in turn;
+# the faster one, measured by `python -m benchmarks.sweep_members`). The order is
+# the report's order. The language model keeps one rate: its runs compare one
+# function computed two ways plus two of its options.
 SCENARIOS = {
     "digits": {"config": "configs.digits",
                "title": "Image classification (digits, CNN)",
-               "overrides": {}, "rates": (1e-3, 3e-3, 1e-2), "members": "loop"},
+               "overrides": {}, "rates": (1e-3, 3e-3, 1e-2), "strategy": "loop"},
     "text": {"config": "configs.text",
              "title": "Text classification (stdlib docstrings)",
-             "overrides": {}, "rates": (1e-2, 3e-2, 1e-1), "members": "loop"},
+             "overrides": {}, "rates": (1e-2, 3e-2, 1e-1), "strategy": "loop"},
     "regression": {"config": "configs.regression",
                    "title": "Regression (diabetes, MLP)",
-                   "overrides": {}, "rates": (3e-4, 1e-3, 3e-3), "members": "vmap"},
+                   "overrides": {}, "rates": (3e-4, 1e-3, 3e-3), "strategy": "vmap"},
     "asr": {"config": "configs.asr",
             "title": "Speech recognition (espeak-ng words, conv + CTC)",
             "overrides": ASR_OVERRIDES, "rates": (1e-3, 3e-3, 1e-2),
-            "members": "loop"},
+            "strategy": "loop"},
     "lm": {"config": "configs.lm",
            "title": "Language modelling (stdlib source, transformer)",
-           "overrides": LM_OVERRIDES, "rates": (3e-3,), "members": "vmap"},
+           "overrides": LM_OVERRIDES, "rates": (3e-3,), "strategy": "vmap"},
 }
 # The share of each task's training data held out to choose the learning rate.
 VALIDATION_FRACTION = 0.2
@@ -88,7 +88,7 @@ SMOKE_TASKS = ("digits", "text", "regression", "asr")
 
 
 def scenario(name: str, *, config: str, title: str, overrides: dict, rates: tuple,
-             members: str, smoke: bool) -> mlc.ConfigDict:
+             strategy: str, smoke: bool) -> mlc.ConfigDict:
     mod = importlib.import_module(config)
     losses = tuple(mod.LOSSES)
     return mlc.ConfigDict({
@@ -104,7 +104,7 @@ def scenario(name: str, *, config: str, title: str, overrides: dict, rates: tupl
         "caveat": "" if smoke else CAVEATS.get(name, ""),
         # Smoke: two rates, enough to exercise the choice.
         "learning_rates": rates[1:] if smoke and len(rates) > 1 else rates,
-        "members": members,
+        "strategy": strategy,
     })
 
 

@@ -274,7 +274,8 @@ def write_report(workdir: pathlib.Path, records: list[dict], tasks: dict[str, di
             lines += [f"**{info['title']}**", "",
                       sweep_table(sweeps, task, info["metric"]), ""]
         elif rates:
-            lines += [f"**{info['title']}**: one learning rate ({rates.pop():g}), "
+            (rate,) = rates
+            lines += [f"**{info['title']}**: one learning rate ({rate:g}), "
                       "no sweep and no validation split (see the caveats).", ""]
     lines += ["### Metrics", ""]
     lines += [

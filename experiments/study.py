@@ -95,17 +95,16 @@ def choose_rate(members: list[dict], metric: str, mode: str) -> float:
     return min(rates, key=badness)
 
 
-def _sweep(config, scen, label, workdir: pathlib.Path) -> list[dict]:
-    """The sweep of one (task, loss), from its `sweep.json` if an earlier study ran
-    the same plan (the task's config, seeds, rates and validation split)."""
+def _sweep(config, scen, cfg, workdir: pathlib.Path) -> list[dict]:
+    """The sweep of one (task, loss) whose run config is `cfg`, from its
+    `sweep.json` if an earlier study ran the same plan (that config, the seeds, the
+    rates and the validation split)."""
     path = workdir / "sweep.json"
-    _, cfg = task_config(scen, label, 0, config.smoke)
     rates = tuple(scen.learning_rates)
     fraction = config.validation_fraction if len(rates) > 1 else None
-    # Round-tripped through JSON so that it compares equal to the stored one.
-    plan = json.loads(json.dumps({
-        "config": json.loads(cfg.to_json()), "seeds": list(config.seeds),
-        "learning_rates": list(rates), "validation_fraction": fraction}))
+    # JSON values throughout, so that it compares equal to the stored one.
+    plan = {"config": json.loads(cfg.to_json()), "seeds": list(config.seeds),
+            "learning_rates": list(rates), "validation_fraction": fraction}
     if path.exists():
         stored = json.loads(path.read_text())
         if isinstance(stored, dict) and stored.get("plan") == plan:
@@ -113,7 +112,7 @@ def _sweep(config, scen, label, workdir: pathlib.Path) -> list[dict]:
         logging.getLogger("experiments").warning(
             "%s was written for another plan; sweeping again.", path)
     members = sweep.run(cfg, config.seeds, rates, cache_dir=workdir.parents[1] / "data",
-                        validation_fraction=fraction, members=scen.members)
+                        validation_fraction=fraction, strategy=scen.strategy)
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"plan": plan, "members": members}) + "\n")
@@ -158,7 +157,7 @@ def run_study(config: mlc.ConfigDict, workdir: str) -> str:
         if bar is not None:
             bar.set_postfix_str(f"{name} / {label}")
         _, cfg = task_config(scen, label, 0, config.smoke)
-        members = _sweep(config, scen, label, workdir / name / label)
+        members = _sweep(config, scen, cfg, workdir / name / label)
         rate = choose_rate(members, scen.metric, scen.mode)
         common = {"task": name, "loss": label, "metric": scen.metric,
                   "mode": scen.mode}

@@ -176,7 +176,7 @@ class _Scores:
 
 def run(config: mlc.ConfigDict, seeds, learning_rates, *,
         validation_fraction: float | None = None, cache_dir=None,
-        members: str = "vmap") -> list[dict]:
+        strategy: str = "vmap") -> list[dict]:
     """Trains `config` at every (seed, learning rate) at once; one record per member.
 
     Args:
@@ -186,7 +186,7 @@ def run(config: mlc.ConfigDict, seeds, learning_rates, *,
       validation_fraction: carve this share of the training data as a validation
         split (None: train on all of it, test metrics only).
       cache_dir: where generated data sets are cached.
-      members: how the members share the machine (`STRATEGIES`): "vmap" (one
+      strategy: how the members share the machine (`STRATEGIES`): "vmap" (one
         vmapped program) or "loop" (one compiled step, members in turn). Either
         trains each member exactly as its own run would.
 
@@ -199,8 +199,8 @@ def run(config: mlc.ConfigDict, seeds, learning_rates, *,
       `memory/xla_temp_mib` ...), `curve` ([[step, test metrics]]), `val_curve` and
       `train_curve` ([[step, train loss]]).
     """
-    if members not in STRATEGIES:
-        raise ValueError(f"unknown members strategy {members!r}; valid: "
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown sweep strategy {strategy!r}; valid: "
                          f"{', '.join(STRATEGIES)}.")
     start = time.perf_counter()
     flat = schema.validate_config(config)
@@ -215,11 +215,11 @@ def run(config: mlc.ConfigDict, seeds, learning_rates, *,
                  dataset_lib.validation_split(dataset, validation_fraction))
     runs = [(int(s), float(lr)) for lr in learning_rates for s in seeds]
     task = _member_task(flat, train_set)
-    strategy = STRATEGIES[members](task, train_set.x_train[:1])
-    state = strategy.init([s for s, _ in runs], [lr for _, lr in runs])
-    scores = [_Scores("test", dataset.arrays("test"), strategy.evaluate, task.adapter)]
+    members = STRATEGIES[strategy](task, train_set.x_train[:1])
+    state = members.init([s for s, _ in runs], [lr for _, lr in runs])
+    scores = [_Scores("test", dataset.arrays("test"), members.evaluate, task.adapter)]
     if validation_fraction is not None:
-        scores.insert(0, _Scores("val", train_set.arrays("test"), strategy.evaluate,
+        scores.insert(0, _Scores("val", train_set.arrays("test"), members.evaluate,
                                  task.adapter))
     train_arrays = jax.device_put(train_set.arrays("train"))
 
@@ -237,9 +237,9 @@ def run(config: mlc.ConfigDict, seeds, learning_rates, *,
                    for s in seeds}
         idx = np.stack([by_seed[s] for s, _ in runs]).astype(np.int32)
         if i == 0:
-            compiled, inputs, per_step = strategy.compiled_step(state, train_arrays,
+            compiled, inputs, per_step = members.compiled_step(state, train_arrays,
                                                                 idx)
-        state, step_metrics = strategy.step(state, train_arrays, idx)
+        state, step_metrics = members.step(state, train_arrays, idx)
         pending.append(step_metrics)
         done, last = i + 1, i + 1 == num_steps
         if i == 0:

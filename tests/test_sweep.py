@@ -48,9 +48,9 @@ def test_looped_members_train_as_the_vmapped_ones(module):
 
     config = smoke_config(module, num_train_steps=6, log_every_steps=2,
                           eval_every_steps=3)
-    runs = {members: sweep.run(config, (0, 1), (1e-3, 1e-2), validation_fraction=0.25,
-                               members=members)
-            for members in sweep.STRATEGIES}
+    runs = {strategy: sweep.run(config, (0, 1), (1e-3, 1e-2), validation_fraction=0.25,
+                                strategy=strategy)
+            for strategy in sweep.STRATEGIES}
     for vmapped, looped in zip(runs["vmap"], runs["loop"], strict=True):
         assert (vmapped["seed"], vmapped["learning_rate"]) == (
             looped["seed"], looped["learning_rate"])
@@ -66,7 +66,7 @@ def test_looped_members_train_as_the_vmapped_ones(module):
     losses = [tuple(v for _, v in r["train_curve"]) for r in runs["loop"]]
     assert len(set(losses)) == 4
     with pytest.raises(ValueError, match="vmap, loop"):
-        sweep.run(config, (0,), (1e-3,), members="pmap")
+        sweep.run(config, (0,), (1e-3,), strategy="pmap")
     # What a sweep does not do, it refuses rather than ignores.
     for field, value in (("checks", True), ("parallel", "pmap")):
         with pytest.raises(ValueError, match="plain step on one device"):
@@ -100,12 +100,18 @@ def test_a_sweep_is_reused_only_for_the_same_plan(tmp_path):
     scen = config.scenarios.regression
     label = scen.losses[0]
     where = tmp_path / "regression" / label
+
+    def swept(config):
+        scen = config.scenarios.regression
+        _, cfg = study.task_config(scen, label, 0, config.smoke)
+        return study._sweep(config, scen, cfg, where)
+
     before = steps.TRACE_COUNT["train_step"]
-    first = study._sweep(config, scen, label, where)
+    first = swept(config)
     assert steps.TRACE_COUNT["train_step"] == before + 1
     assert json.loads((where / "sweep.json").read_text())["members"] == first
     # The same plan: read back, no training.
-    assert study._sweep(config, scen, label, where) == first
+    assert swept(config) == first
     assert steps.TRACE_COUNT["train_step"] == before + 1
     # Other rates, seeds or task settings: swept again.
     changes = [("learning_rates", (1e-4, 1e-3)), ("seeds", (0, 1, 2))]
@@ -113,12 +119,12 @@ def test_a_sweep_is_reused_only_for_the_same_plan(tmp_path):
         changed = study_config.get_config("smoke,tasks=regression")
         target = changed if field == "seeds" else changed.scenarios.regression
         target[field] = value
-        members = study._sweep(changed, changed.scenarios.regression, label, where)
+        members = swept(changed)
         got = {"seeds": {m["seed"] for m in members},
                "learning_rates": {m["learning_rate"] for m in members}}[field]
         assert got == set(value)
     changed = study_config.get_config("smoke,tasks=regression")
     changed.scenarios.regression.overrides.num_train_steps = 4
-    members = study._sweep(changed, changed.scenarios.regression, label, where)
+    members = swept(changed)
     assert members[0]["train_curve"][-1][0] == 4
     assert steps.TRACE_COUNT["train_step"] > before + 1
