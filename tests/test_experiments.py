@@ -553,7 +553,7 @@ def test_study_config_has_the_lm_scenario_with_a_cut_budget():
     from experiments import study
 
     _, config = study.task_config(lm, "z_loss", 1, False)
-    assert config.num_train_steps == 150 and config.seed == 1
+    assert config.num_train_steps == 120 and config.seed == 1
     assert config.data.kwargs.seq_len == 64 and config.loss.kwargs.z_loss > 0
     schema.validate_config(config)
 
