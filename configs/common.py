@@ -30,7 +30,11 @@ def base_config() -> mlc.ConfigDict:
     c.eval_every_steps = 100
     c.checkpoint_every_steps = 500
     c.keep_checkpoints = 3
-    c.parallel = "jit"  # or "pmap"
+    c.parallel = "jit"  # or "pmap" (a 1-D data mesh only)
+    # Device mesh (experiments.sharding): the batch splits over data x fsdp,
+    # parameters over fsdp (FSDP) and by logical axes over model (tensor
+    # parallelism); -1 takes the remaining devices.
+    c.mesh = mlc.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
     c.dtype = "float32"  # or "bfloat16": bf16 compute, f32 params and loss
     c.checks = False  # True: chex value checks inside the step (slower)
     c.init_from = ""  # a workdir whose latest parameters start a fresh run

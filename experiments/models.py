@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class CNN(nn.Module):
@@ -161,6 +162,12 @@ def param_count(params) -> int:
 # --- language model -------------------------------------------------------------------
 
 
+def _logical(init, names):
+    """`init` with logical axis names for the mesh rules (`experiments.sharding`);
+    the values it draws are unchanged."""
+    return nn.with_logical_partitioning(init, tuple(names))
+
+
 def _rope(x, base: float = 10000.0):
     """Rotary position embedding of `x` [batch, seq, heads, head_dim] (positions 0..).
 
@@ -189,20 +196,25 @@ class _DecoderBlock(nn.Module):
         d = x.shape[-1]
         heads = (self.num_heads, d // self.num_heads)
 
-        def dense(features, name, axis=-1):
-            return nn.DenseGeneral(features, axis=axis, dtype=self.dtype,
-                                   param_dtype=jnp.float32, name=name)
+        def dense(features, name, names, axis=-1):
+            # `names`: the kernel's logical axes; the bias has the output's.
+            out = names[-1 if np.ndim(features) == 0 else -len(features):]
+            return nn.DenseGeneral(
+                features, axis=axis, dtype=self.dtype, param_dtype=jnp.float32,
+                kernel_init=_logical(nn.linear.default_kernel_init, names),
+                bias_init=_logical(nn.initializers.zeros_init(), out), name=name)
 
         h = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name="ln_attn")(x)
-        q, k, v = (dense(heads, n)(h) for n in ("query", "key", "value"))
+        q, k, v = (dense(heads, n, ("embed", "heads", "head_dim"))(h)
+                   for n in ("query", "key", "value"))
         if self.rope:
             q, k = _rope(q), _rope(k)
         # jax's reference attention: softmax in float32 also for bf16 inputs.
         a = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        x = x + dense(d, "attn_out", axis=(-2, -1))(a)
+        x = x + dense(d, "attn_out", ("heads", "head_dim", "embed"), axis=(-2, -1))(a)
         h = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name="ln_mlp")(x)
-        h = nn.gelu(dense(self.mlp_dim, "mlp_in")(h))
-        return x + dense(d, "mlp_out")(h)
+        h = nn.gelu(dense(self.mlp_dim, "mlp_in", ("embed", "mlp"))(h))
+        return x + dense(d, "mlp_out", ("mlp", "embed"))(h)
 
 
 class Transformer(nn.Module):
@@ -248,14 +260,16 @@ class Transformer(nn.Module):
         # the initial loss is about log(num_outputs).
         init = nn.initializers.normal(stddev=0.02)
         embed = nn.Embed(self.num_outputs, self.d_model, dtype=self.dtype,
-                         param_dtype=jnp.float32, embedding_init=init, name="embed")
+                         param_dtype=jnp.float32,
+                         embedding_init=_logical(init, ("vocab", "embed")),
+                         name="embed")
         x = embed(tokens)
         if self.positions == "learned":
             if seq > self.max_len:
                 raise ValueError(f"sequence length {seq} exceeds max_len="
                                  f"{self.max_len} of the learned positions.")
-            pos = self.param("pos_embed", init, (self.max_len, self.d_model),
-                             jnp.float32)
+            pos = self.param("pos_embed", _logical(init, (None, "embed")),
+                             (self.max_len, self.d_model), jnp.float32)
             x = x + pos[:seq].astype(self.dtype)
         for i in range(self.num_layers):
             x = _DecoderBlock(self.num_heads, self.mlp_dim or 4 * self.d_model,
@@ -265,8 +279,8 @@ class Transformer(nn.Module):
         if self.tie_embeddings:
             kernel = embed.embedding.T
         else:
-            kernel = self.param("head", init, (self.d_model, self.num_outputs),
-                                jnp.float32)
+            kernel = self.param("head", _logical(init, ("embed", "vocab")),
+                                (self.d_model, self.num_outputs), jnp.float32)
         kernel = kernel.astype(self.dtype)
         if return_hidden:
             return x, kernel

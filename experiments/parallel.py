@@ -1,17 +1,18 @@
-"""Meshes, global batches and the compiled train step (jit over a mesh, or pmap).
+"""Global batches and the compiled train step (jit over a mesh, or pmap).
 
 Mesh choice (conventions, section 5). `jax.make_mesh` builds Explicit-axes meshes by
-default in jax 0.10; lossjax's experiments build theirs with
-`axis_types=(AxisType.Auto,)` everywhere (`make_mesh`) and never install a global
-mesh with `jax.set_mesh`: shardings are stated on `jax.jit`'s inputs and outputs and
-GSPMD propagates them through flax layers and losses, which need no `out_sharding`
+default in jax 0.10; lossjax's experiments build theirs with Auto axes everywhere
+(`experiments.sharding.make_mesh`) and never install a global mesh with
+`jax.set_mesh`: shardings are stated on `jax.jit`'s inputs and outputs and GSPMD
+propagates them through flax layers and losses, which need no `out_sharding`
 annotations. A run thus changes no process-wide state, so tests can run several
 trainers in one process.
 
-`parallel="jit"` (the default): one `jax.jit` over a 1-D mesh ("data"), parameters
-and optimizer state replicated `P()`, batch split `P("data")`. `parallel="pmap"`: the
-same `train_step` under `jax.pmap` with `lax.pmean` of loss and gradients over the
-local devices, for code bases still on pmap.
+`parallel="jit"` (the default): one `jax.jit` over the (data, fsdp, model) mesh, the
+state laid out by `experiments.sharding.state_shardings` (replicated on a pure data
+mesh, split with fsdp or model > 1), the batch split over ("data", "fsdp").
+`parallel="pmap"`: the same `train_step` under `jax.pmap` with `lax.pmean` of loss and
+gradients over the local devices, for code bases still on pmap (a 1-D data mesh).
 """
 
 from __future__ import annotations
@@ -26,16 +27,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from experiments import steps
+from experiments import sharding, steps
 from experiments.tasks import Task
 from lossjax import _checks
-
-
-def make_mesh(devices=None) -> jax.sharding.Mesh:
-    """The 1-D "data" mesh over all devices, with Auto axes (see module docstring)."""
-    devices = jax.devices() if devices is None else devices
-    return jax.make_mesh((len(devices),), ("data",),
-                         axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def global_batch(arrays: dict, sharding: NamedSharding) -> dict:
@@ -72,7 +66,9 @@ class CompiledStep:
 
     fn(state, batch) -> (state, metrics); put_batch(numpy dict) -> its device batch;
     to_saved / from_saved convert between the step's state layout and the checkpoint
-    layout (replicated over the mesh); first(metrics) picks one replica's metrics.
+    layout (the jit layout); first(metrics) picks one replica's metrics;
+    batch_shards is how many pieces a batch is split into (it must divide the
+    batch size).
     """
 
     fn: Callable
@@ -80,34 +76,40 @@ class CompiledStep:
     to_saved: Callable
     from_saved: Callable
     first: Callable
+    batch_shards: int
 
 
-def make_train_step(task: Task, mesh, *, parallel: str = "jit",
+def make_train_step(task: Task, mesh, state_sharding=None, *, parallel: str = "jit",
                     checks: bool = False) -> CompiledStep:
     """`train_step` compiled for `mesh`: jit over the mesh, or pmap over its devices.
 
-    With `checks=True` the step is traced with lossjax's value assertions on and
-    wrapped in `chex.chexify` (synchronous), so a bad value (a label out of range, a
+    `state_sharding` is the state's layout under jit (None: replicated). With
+    `checks=True` the step is traced with lossjax's value assertions on and wrapped
+    in `chex.chexify` (synchronous), so a bad value (a label out of range, a
     non-finite input) raises an error naming the loss and the rule.
     """
     replicated = NamedSharding(mesh, P())
-    data_sharding = NamedSharding(mesh, P("data"))
     if parallel == "jit":
         step_impl = functools.partial(steps.train_step, task=task)
         if checks:
             step_impl = _with_value_checks(step_impl)
-        fn = jax.jit(step_impl, in_shardings=(replicated, data_sharding),
-                     out_shardings=(replicated, replicated), donate_argnums=0)
+        data_sharding = sharding.batch_sharding(mesh)
+        state_sharding = replicated if state_sharding is None else state_sharding
+        fn = jax.jit(step_impl, in_shardings=(state_sharding, data_sharding),
+                     out_shardings=(state_sharding, replicated), donate_argnums=0)
         if checks:
             fn = chex.chexify(fn, async_check=False)
         identity = lambda s: s
         return CompiledStep(fn, functools.partial(global_batch, sharding=data_sharding),
-                            identity, identity, identity)
+                            identity, identity, identity, sharding.batch_shards(mesh))
     if checks:
         raise ValueError("config.checks=True needs config.parallel='jit' "
                          "(chex.chexify wraps jit-compiled functions).")
     if jax.process_count() > 1:
         raise ValueError("config.parallel='pmap' runs on one host; use 'jit'.")
+    if sharding.batch_shards(mesh) != mesh.devices.size:
+        raise ValueError(f"config.parallel='pmap' splits the batch only: it needs "
+                         f"config.mesh.fsdp=1 and model=1, not {dict(mesh.shape)}.")
     return _pmap_step(task, mesh, replicated)
 
 
@@ -119,7 +121,7 @@ def _pmap_step(task: Task, mesh, replicated) -> CompiledStep:
     # Inputs laid out as pmap lays out its outputs (a leading axis split over the
     # devices), so the second call does not compile again for a new input layout.
     stacked = NamedSharding(
-        jax.sharding.Mesh(mesh.devices, ("batch",),
+        jax.sharding.Mesh(mesh.devices.reshape(-1), ("batch",),
                           axis_types=(jax.sharding.AxisType.Auto,)), P("batch"))
     return CompiledStep(
         fn,
@@ -131,6 +133,7 @@ def _pmap_step(task: Task, mesh, replicated) -> CompiledStep:
             lambda x: np.broadcast_to(np.asarray(x), (num_devices,) + x.shape), s),
             stacked),
         first=lambda m: jax.tree.map(lambda x: x[0], m),
+        batch_shards=num_devices,
     )
 
 

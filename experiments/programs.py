@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from experiments import metrics, parallel, steps, tasks
+from experiments import metrics, parallel, sharding, steps, tasks
 from experiments.dataset import Dataset
 from experiments.tasks import Task
 
@@ -42,7 +42,8 @@ class Programs:
 
     @property
     def data_sharding(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P("data"))
+        return sharding.batch_sharding(self.mesh)
+
 
     def test_batch(self, arrays: dict) -> dict:
         """The whole test split as one global batch, padded for the devices."""
@@ -80,22 +81,27 @@ def get(flat: dict, dataset: Dataset) -> Programs:
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
-    task = tasks.build_task(None, dataset, flat)
-    mesh = parallel.make_mesh()
-    replicated = NamedSharding(mesh, P())
+    mesh = sharding.make_mesh({a: flat[f"mesh.{a}"] for a in sharding.AXES})
+    task = tasks.build_task(None, dataset, flat, mesh=mesh)
     sample = dataset.x_train[:1]
     # The seed is an argument, not a constant, so all seeds share one compilation.
     init = lambda seed: tasks.init_state(task, seed, sample)
     abstract = jax.eval_shape(init, np.int32(0))
-    state_sharding = jax.tree.map(lambda _: replicated, abstract)
+    if flat["parallel"] == "jit":
+        state_sharding = sharding.state_shardings(
+            abstract, tasks.logical_axes(task, sample), mesh)
+    else:  # pmap: the saved layout is replicated
+        state_sharding = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
     _CACHE[key] = Programs(
         task=task, mesh=mesh, abstract=abstract, state_sharding=state_sharding,
         init=jax.jit(init, out_shardings=state_sharding),
-        step=parallel.make_train_step(task, mesh, parallel=flat["parallel"],
+        step=parallel.make_train_step(task, mesh, state_sharding,
+                                      parallel=flat["parallel"],
                                       checks=flat["checks"]),
         eval=jax.jit(functools.partial(steps.eval_step, task=task),
-                     in_shardings=(replicated, NamedSharding(mesh, P("data"))),
-                     out_shardings=replicated))
+                     in_shardings=(state_sharding["params"],
+                                   sharding.batch_sharding(mesh)),
+                     out_shardings=NamedSharding(mesh, P())))
     while len(_CACHE) > _KEEP:
         _CACHE.popitem(last=False)
     return _CACHE[key]

@@ -22,6 +22,7 @@ SCHEMA: dict[str, Any] = {
     "log_every_steps": int, "eval_every_steps": int, "checkpoint_every_steps": int,
     "keep_checkpoints": int, "parallel": str, "dtype": str, "checks": bool,
     "init_from": str, "progress_bar": bool, "beam_width": int,
+    "mesh": {"data": int, "fsdp": int, "model": int},
     "data": {"name": str, "kwargs": None},
     "model": {"name": str, "kwargs": None},
     "loss": {"name": str, "kwargs": None, "target": str},
@@ -39,6 +40,7 @@ DEFAULTS = {
     "optimizer.schedule": "constant", "optimizer.warmup_steps": 0,
     "optimizer.weight_decay": 0.0, "optimizer.momentum": 0.9,
     "optimizer.grad_clip": 0.0,
+    "mesh.data": -1, "mesh.fsdp": 1, "mesh.model": 1,
 }
 # How model outputs meet the loss: the keys of `experiments.tasks.ADAPTERS` (a test
 # keeps the two equal; this module does not import the adapters' flax and optax).

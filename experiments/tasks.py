@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 import lossjax
-from experiments import models, schema, scoring
+from experiments import models, schema, scoring, sharding
 from experiments.dataset import Dataset
 
 # Losses that take the model's final hidden states and head kernel instead of logits
@@ -247,30 +247,45 @@ def make_optimizer(opt: dict[str, Any], num_train_steps: int, learning_rate=None
     return tx
 
 
-def build_task(config: mlc.ConfigDict | None, dataset: Dataset, flat=None) -> Task:
-    """Model, optimizer and loss of `config` (or of its validated fields `flat`)."""
+def build_task(config: mlc.ConfigDict | None, dataset: Dataset, flat=None,
+               mesh=None) -> Task:
+    """Model, optimizer and loss of `config` (or of its validated fields `flat`).
+
+    On a `mesh` with a "model" axis of size > 1, a fused-head loss is computed
+    vocabulary-parallel (`sharding.vocab_parallel`).
+    """
     flat = schema.validate_config(config) if flat is None else flat
     target = flat["loss.target"]
     model = models.create(flat["model.name"],
                           num_outputs=ADAPTERS[target].num_outputs(dataset.num_classes),
                           dtype=flat["dtype"], **dict(flat["model.kwargs"]))
+    return_hidden = target == "tokens" and flat["loss.name"] in FUSED_HEAD_LOSSES
     loss_fn = functools.partial(lossjax.get(flat["loss.name"]),
                                 **dict(flat["loss.kwargs"]))
+    if return_hidden and mesh is not None and mesh.shape.get("model", 1) > 1:
+        loss_fn = sharding.vocab_parallel(loss_fn, mesh)
     return Task(model=model,
                 tx=make_optimizer(schema.optimizer_fields(flat),
                                   flat["num_train_steps"]),
                 loss_fn=loss_fn, loss_target=target, num_classes=dataset.num_classes,
                 beam_width=flat["beam_width"],
-                return_hidden=(target == "tokens"
-                               and flat["loss.name"] in FUSED_HEAD_LOSSES),
+                return_hidden=return_hidden,
                 target_scale=tuple(dataset.target_scale))
 
 
 def init_state(task: Task, seed: int, sample_x: np.ndarray) -> dict:
     """A fresh state: {"params", "opt_state", "step", "rng"}; `seed` int or int32."""
     init_key, state_key = jax.random.split(jax.random.key(seed))
-    params = task.model.init(init_key, jnp.asarray(sample_x))["params"]
+    # Plain arrays: the logical axis names are read apart (`logical_axes`).
+    params = nn.unbox(task.model.init(init_key, jnp.asarray(sample_x))["params"])
     return {"params": params, "opt_state": task.tx.init(params),
             "step": jnp.zeros((), jnp.int32),
             # Raw key data: checkpoints hold plain uint32 arrays.
             "rng": jax.random.key_data(state_key)}
+
+
+def logical_axes(task: Task, sample_x: np.ndarray):
+    """The params tree of the model's logical axis names (`PartitionSpec`s of names;
+    empty where a parameter has none), for `experiments.sharding`."""
+    boxed = jax.eval_shape(task.model.init, jax.random.key(0), jnp.asarray(sample_x))
+    return nn.get_partition_spec(boxed)["params"]

@@ -62,11 +62,11 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
                             **dict(flat["data.kwargs"]))
     seed, num_steps, batch_size = flat["seed"], flat["num_train_steps"], \
         flat["batch_size"]
-    if batch_size % jax.device_count():
-        raise ValueError(f"batch_size={batch_size} is not divisible by the "
-                         f"{jax.device_count()} devices.")
     prog = programs.get(flat, dataset)
     compiled = prog.step
+    if batch_size % compiled.batch_shards:
+        raise ValueError(f"batch_size={batch_size} is not divisible into the "
+                         f"{compiled.batch_shards} batch shards of the mesh.")
 
     # Restore: this workdir first, then config.init_from, else from scratch.
     manager = checkpoints.manager(workdir, flat["keep_checkpoints"])
@@ -79,8 +79,9 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
     else:
         start_step, state = 0, prog.init(np.int32(seed))
         if flat["init_from"]:
-            params = checkpoints.read_init_from(
-                flat["init_from"], prog.abstract["params"], prog.replicated)
+            params = jax.device_put(checkpoints.read_init_from(
+                flat["init_from"], prog.abstract["params"], prog.replicated),
+                prog.state_sharding["params"])
             opt_init = jax.jit(prog.task.tx.init,
                                out_shardings=prog.state_sharding["opt_state"])
             state = {**state, "params": params, "opt_state": opt_init(params)}

@@ -32,6 +32,7 @@ from experiments import (
     programs,
     schema,
     scoring,
+    sharding,
     steps,
     tasks,
     train,
@@ -276,7 +277,7 @@ def test_bfloat16_computes_in_bf16_with_f32_params_and_loss(tmp_path):
 def test_checked_mode_reports_bad_labels(tmp_path):
     dataset = data_lib.digits()
     task = tasks.build_task(smoke_config(), dataset)
-    mesh = parallel.make_mesh()
+    mesh = sharding.make_mesh()
     batch = {"x": dataset.x_train[:16], "y": dataset.y_train[:16].copy()}
     batch["y"][3] = 12  # out of range for 10 classes
     state = lambda: tasks.init_state(task, 0, dataset.x_train[:1])
