@@ -8,7 +8,15 @@ and works under jit, vmap, grad, pmap and shard_map. See README.md.
 
 from __future__ import annotations
 
-from lossjax import classification, divergence, large_vocab, regression, sequence
+from lossjax import (
+    classification,
+    contrastive,
+    divergence,
+    large_vocab,
+    pairwise,
+    regression,
+    sequence,
+)
 from lossjax._checks import checked
 from lossjax._reduce import global_sum, reduce_loss, sanitize
 from lossjax.classification import (
@@ -23,8 +31,25 @@ from lossjax.classification import (
     soft_margin_loss,
     squared_hinge_loss,
 )
+from lossjax.contrastive import (
+    batch_triplet_loss,
+    circle_loss,
+    clip_loss,
+    info_nce,
+    ntxent,
+    sigmoid_contrastive_loss,
+    supervised_contrastive_loss,
+)
 from lossjax.divergence import js_divergence, kl_divergence, kl_divergence_with_logits
 from lossjax.large_vocab import linear_cross_entropy
+from lossjax.pairwise import (
+    cosine_embedding_loss,
+    hinge_embedding_loss,
+    margin_ranking_loss,
+    multilabel_margin_loss,
+    multilabel_soft_margin_loss,
+    triplet_margin_loss,
+)
 from lossjax.regression import (
     absolute_error,
     cosine_similarity_loss,
@@ -46,7 +71,8 @@ from lossjax.sequence import (
     padding_mask_to_lengths,
 )
 
-_FAMILIES = (classification, regression, divergence, sequence, large_vocab)
+_FAMILIES = (classification, regression, divergence, sequence, large_vocab,
+             contrastive, pairwise)
 
 # The registry stays generated from each family's LOSS_NAMES: a new loss joins it (and
 # the test matrix driven by it) by being listed there.
@@ -80,6 +106,19 @@ def print_table() -> None:
 
 __all__ = [
     "LOSSES",
+    "batch_triplet_loss",
+    "circle_loss",
+    "clip_loss",
+    "cosine_embedding_loss",
+    "hinge_embedding_loss",
+    "info_nce",
+    "margin_ranking_loss",
+    "multilabel_margin_loss",
+    "multilabel_soft_margin_loss",
+    "ntxent",
+    "sigmoid_contrastive_loss",
+    "supervised_contrastive_loss",
+    "triplet_margin_loss",
     "absolute_error",
     "binary_cross_entropy",
     "checked",
