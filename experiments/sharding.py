@@ -89,7 +89,8 @@ def param_spec(shape: tuple[int, ...], logical, mesh) -> P:
                 and shape[i] % model == 0 and "model" not in spec):
             spec[i] = "model"
     if fsdp > 1:
-        free = [i for i in range(len(shape)) if spec[i] is None and shape[i] % fsdp == 0]
+        free = [i for i in range(len(shape))
+                if spec[i] is None and shape[i] % fsdp == 0]
         if free:
             # The largest; among equals the first (deterministic).
             spec[max(free, key=lambda i: (shape[i], -i))] = "fsdp"
