@@ -49,7 +49,7 @@ from lossjax._reduce import (
     varying_axes,
 )
 
-__all__ = ["linear_cross_entropy"]
+__all__ = ["linear_cross_entropy", "linear_sequence_logprobs", "linear_token_logprobs"]
 LOSS_NAMES = ("linear_cross_entropy",)
 
 _NAME = "linear_cross_entropy"
@@ -686,3 +686,227 @@ def linear_cross_entropy(
     if not return_lse:
         return loss
     return loss, (lse if kept is None else jnp.where(kept, lse, 0))
+
+
+# --- per-token and per-sequence log-probabilities of the head -----------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _label_stats(h, kernel, bias, labels, softcap, token_block, block):
+    """Per-token (logsumexp, label logit) of the soft-capped logits of `h @ kernel`.
+
+    Forward: the vocab-block pass of `_stats_forward` (one matmul, no residual
+    beyond the inputs). Backward: the per-token cotangents of the two statistics are
+    exactly the coefficients `a` (of the lse) and `b` (of the label logit) of
+    `_fused_loss`'s token-block kernel, which computes the gradients of
+    `sum(a lse + b x_label)`: the same kernel, run once in the backward (logits,
+    d hidden, d kernel), never a `[tokens, vocab]` buffer. Labels are local column
+    ids; one outside [0, local vocab) (a vocab shard that does not own it) picks
+    no logit and gets no gradient.
+    """
+    lse, xy, _ = _stats_forward(h, kernel, bias, None, labels, softcap, block, False)
+    return lse, xy
+
+
+def _label_stats_fwd(h, kernel, bias, labels, softcap, token_block, block):
+    out = _label_stats(h, kernel, bias, labels, softcap, token_block, block)
+    return out, (h, kernel, bias, labels, softcap)
+
+
+def _label_stats_bwd(token_block, block, residuals, cotangents):
+    h, kernel, bias, labels, softcap = residuals
+    g_lse, g_xy = _vary_like(cotangents, h)
+    owned = (labels >= 0) & (labels < kernel.shape[1])
+    # A label this shard does not own gets a zero coefficient at a harmless column.
+    g_xy = jnp.where(owned, g_xy, 0)
+    zeros = jnp.zeros_like(g_lse)
+    _, (grads, _, dtypes) = _fused_loss_fwd(
+        h, kernel, bias, None, jnp.where(owned, labels, 0), g_lse, g_xy, zeros,
+        zeros, softcap, token_block, block, False)
+    dh, dkernel, dbias, _, dcap = (
+        None if x is None else x.astype(like.dtype)
+        for x, like in zip(grads, dtypes, strict=True))
+    return dh, dkernel, dbias, None, dcap
+
+
+_label_stats.defvjp(_label_stats_fwd, _label_stats_bwd)
+
+
+def _label_logprobs(name, hidden, kernel, labels, *, bias, ignore_index,
+                    logit_softcap, where, block_size, vocab_axis_name):
+    """Checks the inputs; returns (log p(label) in `labels.shape`, 0 where excluded
+    and NaN for a kept out-of-range label; the kept mask)."""
+    hidden, kernel, labels = (jnp.asarray(x) for x in (hidden, kernel, labels))
+    bias = None if bias is None else jnp.asarray(bias)
+    _checks.check_float("hidden", hidden)
+    _checks.check_float("kernel", kernel)
+    _checks.check_int("labels", labels)
+    _checks.check_rank("hidden", hidden, 1, at_least=True)
+    _checks.check_rank("kernel", kernel, 2)
+    d, local_vocab = kernel.shape
+    if hidden.shape[-1] != d:
+        raise ValueError(
+            f"hidden has shape {hidden.shape} but kernel has shape {kernel.shape}: "
+            f"hidden's last axis must equal kernel's first ({d})."
+        )
+    _checks.check_shape("labels", labels, hidden.shape[:-1],
+                        against=f"hidden of shape {hidden.shape}")
+    if bias is not None:
+        _checks.check_float("bias", bias)
+        _checks.check_shape("bias", bias, (local_vocab,),
+                            against=f"kernel of shape {kernel.shape}")
+    block = _block_size(block_size, local_vocab)
+    if logit_softcap is not None:
+        _checks.check_range("logit_softcap", logit_softcap, low=0, low_open=True)
+    if vocab_axis_name is None:
+        num_shards, offset = 1, 0
+    else:
+        num_shards = lax.axis_size(vocab_axis_name)
+        offset = lax.axis_index(vocab_axis_name) * local_vocab
+    vocab = num_shards * local_vocab
+
+    kept = kept_mask(labels.shape, where=where, labels=labels,
+                     ignore_index=ignore_index)
+    _checks.assert_labels_in_range(name, labels, vocab, kept)
+    _checks.assert_finite(name, "hidden", hidden,
+                          None if kept is None else kept[..., None])
+    _checks.assert_finite(name, "kernel", kernel)
+    in_range = (labels >= 0) & (labels < vocab)
+    safe_labels = jnp.where(in_range, labels, 0)
+    if kept is not None:
+        safe_labels = jnp.where(kept, safe_labels, 0)
+    # Excluded tokens get zero hidden states and zero cotangents: NaN/inf there
+    # cannot reach the kernel's gradient.
+    hidden = sanitize(hidden, kept, 0, axis=-1)
+    dtype = compute_dtype(hidden, kernel, bias)
+    h2 = hidden.reshape(-1, d)
+    local_labels = (safe_labels - offset).reshape(-1)
+    softcap = None if logit_softcap is None else jnp.asarray(logit_softcap, dtype)
+    inputs = (h2, kernel, bias, softcap)
+    h2, kernel, bias, softcap = _vary_like(inputs, inputs)
+    tokens = h2.shape[0]
+    lse, xy = _label_stats(h2, kernel, bias, local_labels, softcap,
+                           _token_block(max(tokens, 2), local_vocab), block)
+    if vocab_axis_name is not None:
+        # As in `linear_cross_entropy`: the max is only a shift; `global_sum` gives
+        # each shard its own cotangent back under pmap too.
+        m = lax.pmax(lax.stop_gradient(lse), vocab_axis_name)
+        lse = m + jnp.log(global_sum(jnp.exp(lse - m), vocab_axis_name))
+        xy = global_sum(xy, vocab_axis_name)
+    logp = (xy - lse).reshape(labels.shape)
+    logp = jnp.where(in_range, logp, jnp.nan)
+    if kept is not None:
+        logp = jnp.where(kept, logp, 0)
+    return logp, kept
+
+
+def _block_size(block_size, local_vocab):
+    if block_size is None:
+        block = _for_backend(_BLOCK_CPU, _BLOCK_ACCELERATOR)
+    elif isinstance(block_size, int) and block_size > 0:
+        block = block_size
+    else:
+        raise ValueError(
+            f"block_size must be a positive int or None, got {block_size!r}.")
+    return min(block, local_vocab)
+
+
+def linear_token_logprobs(
+    hidden: jax.Array,
+    kernel: jax.Array,
+    labels: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    ignore_index: int = -100,
+    logit_softcap: float | jax.Array | None = None,
+    where: jax.Array | None = None,
+    block_size: int | None = None,
+    vocab_axis_name: AxisName = None,
+) -> jax.Array:
+    r"""Per-token log-probability of the label under a linear head, fused.
+
+    `log_softmax(c(hidden @ kernel + bias))[..., label]` without the `[tokens, vocab]`
+    logits: the forward walks vocab blocks with an online logsumexp (one matmul);
+    the backward runs `linear_cross_entropy`'s token-block kernel with the per-token
+    cotangents as its coefficients (three matmuls, `[token_block, vocab]` tiles).
+    The building block of the preference losses (`linear_sequence_logprobs`).
+
+    Args:
+      hidden: float `[..., d]`; kernel: float `[d, vocab]` (the local vocab shard
+        with `vocab_axis_name`); labels: integer `[...]` (= `hidden.shape[:-1]`),
+        global ids, already aligned with `hidden` (the caller shifts them).
+      bias: float `[vocab]` or None; ignore_index: labels equal to it are excluded;
+      logit_softcap: s > 0 applies `s tanh(x / s)` to the logits (traceable);
+      where: bool broadcastable to `labels.shape`; block_size: vocab columns per
+      block; vocab_axis_name: the axis `kernel` is sharded over on the vocab.
+
+    Returns:
+      float `labels.shape`: log p(label), exactly 0 (with zero gradients) where
+      excluded, NaN where a kept label is out of range.
+
+    Example:
+      >>> import jax.numpy as jnp, lossjax
+      >>> h = jnp.array([[1.0, 0.0], [0.0, 2.0]])
+      >>> w = jnp.array([[2.0, 0.0, -1.0], [0.0, 0.5, 0.0]])
+      >>> lossjax.linear_token_logprobs(h, w, jnp.array([0, -100]))
+      Array([-0.1698, 0.    ], dtype=float32)
+
+    See also: `linear_sequence_logprobs`, `linear_cross_entropy`.
+    """
+    logp, _ = _label_logprobs(
+        "linear_token_logprobs", hidden, kernel, labels, bias=bias,
+        ignore_index=ignore_index, logit_softcap=logit_softcap, where=where,
+        block_size=block_size, vocab_axis_name=vocab_axis_name)
+    return logp
+
+
+def linear_sequence_logprobs(
+    hidden: jax.Array,
+    kernel: jax.Array,
+    labels: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    ignore_index: int = -100,
+    logit_softcap: float | jax.Array | None = None,
+    where: jax.Array | None = None,
+    block_size: int | None = None,
+    vocab_axis_name: AxisName = None,
+) -> tuple[jax.Array, jax.Array]:
+    r"""Per-sequence sum of label log-probabilities and kept-token count, fused.
+
+    What a preference trainer needs from the policy: for `hidden [batch, seq, d]` and
+    `labels [batch, seq]` (aligned: the caller shifts them), the pair
+    `(sum_t log p(label_t), number of kept tokens)`, each `[batch]`, without the
+    `[batch, seq, vocab]` logits in the forward or the backward (see
+    `linear_token_logprobs`). Tokens with `labels == ignore_index` or `where=False`
+    (the prompt, padding) count for nothing. The average log-probability (IPO,
+    SimPO, ORPO) is `logps / counts`.
+
+    .. math::
+        \log \pi(y \mid x) = \sum_t \log \mathrm{softmax}(c(h_t W + b))_{y_t}
+
+    Args: as `linear_token_logprobs`, with `hidden` `[..., seq, d]`.
+
+    Returns:
+      `(logps, counts)`: float `labels.shape[:-1]` and int32 `labels.shape[:-1]`.
+
+    Example:
+      >>> import jax.numpy as jnp, lossjax
+      >>> h = jnp.array([[[1.0, 0.0], [0.0, 2.0]]])
+      >>> w = jnp.array([[2.0, 0.0, -1.0], [0.0, 0.5, 0.0]])
+      >>> lossjax.linear_sequence_logprobs(h, w, jnp.array([[0, 1]]))
+      (Array([-0.7212], dtype=float32), Array([2], dtype=int32))
+
+    See also: `dpo_loss`, `linear_dpo_loss`.
+    """
+    hidden = jnp.asarray(hidden)
+    _checks.check_rank("hidden", hidden, 2, at_least=True)
+    logp, kept = _label_logprobs(
+        "linear_sequence_logprobs", hidden, kernel, labels, bias=bias,
+        ignore_index=ignore_index, logit_softcap=logit_softcap, where=where,
+        block_size=block_size, vocab_axis_name=vocab_axis_name)
+    if kept is None:
+        counts = jnp.full(logp.shape[:-1], logp.shape[-1], jnp.int32)
+    else:
+        counts = jnp.sum(kept, axis=-1, dtype=jnp.int32)
+    return jnp.sum(logp, axis=-1), counts
