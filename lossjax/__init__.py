@@ -11,9 +11,11 @@ from __future__ import annotations
 from lossjax import (
     classification,
     contrastive,
+    distillation,
     divergence,
     large_vocab,
     pairwise,
+    preference,
     regression,
     sequence,
 )
@@ -40,8 +42,19 @@ from lossjax.contrastive import (
     sigmoid_contrastive_loss,
     supervised_contrastive_loss,
 )
+from lossjax.distillation import (
+    distillation_loss,
+    generalized_jsd_loss,
+    linear_distillation_loss,
+    linear_generalized_jsd_loss,
+    linear_topk_distillation_loss,
+)
 from lossjax.divergence import js_divergence, kl_divergence, kl_divergence_with_logits
-from lossjax.large_vocab import linear_cross_entropy
+from lossjax.large_vocab import (
+    linear_cross_entropy,
+    linear_sequence_logprobs,
+    linear_token_logprobs,
+)
 from lossjax.pairwise import (
     cosine_embedding_loss,
     hinge_embedding_loss,
@@ -49,6 +62,14 @@ from lossjax.pairwise import (
     multilabel_margin_loss,
     multilabel_soft_margin_loss,
     triplet_margin_loss,
+)
+from lossjax.preference import (
+    cpo_loss,
+    dpo_loss,
+    kto_loss,
+    linear_dpo_loss,
+    orpo_loss,
+    simpo_loss,
 )
 from lossjax.regression import (
     absolute_error,
@@ -72,6 +93,7 @@ from lossjax.sequence import (
 )
 
 _FAMILIES = (classification, regression, divergence, sequence, large_vocab,
+             preference, distillation,
              contrastive, pairwise)
 
 # The registry stays generated from each family's LOSS_NAMES: a new loss joins it (and
@@ -123,13 +145,17 @@ __all__ = [
     "binary_cross_entropy",
     "checked",
     "cosine_similarity_loss",
+    "cpo_loss",
     "cross_entropy",
     "ctc_beam_search",
     "ctc_greedy_decode",
     "ctc_loss",
+    "distillation_loss",
+    "dpo_loss",
     "family_of",
     "focal_loss",
     "gaussian_nll",
+    "generalized_jsd_loss",
     "get",
     "global_sum",
     "hinge_loss",
@@ -137,12 +163,20 @@ __all__ = [
     "js_divergence",
     "kl_divergence",
     "kl_divergence_with_logits",
+    "kto_loss",
     "lengths_to_padding_mask",
     "linear_cross_entropy",
+    "linear_distillation_loss",
+    "linear_dpo_loss",
+    "linear_generalized_jsd_loss",
+    "linear_sequence_logprobs",
+    "linear_token_logprobs",
+    "linear_topk_distillation_loss",
     "log_cosh",
     "mean_absolute_percentage_error",
     "multiclass_hinge_loss",
     "nll_loss",
+    "orpo_loss",
     "padding_mask_to_lengths",
     "poisson_nll",
     "poly1_cross_entropy",
@@ -151,6 +185,7 @@ __all__ = [
     "reduce_loss",
     "sanitize",
     "sigmoid_focal_loss",
+    "simpo_loss",
     "smooth_l1_loss",
     "soft_margin_loss",
     "squared_error",
