@@ -232,7 +232,9 @@ class Transformer(nn.Module):
     `lossjax.linear_cross_entropy(hidden, kernel, labels)`, which never builds the
     logits. Both modes have the same parameters, so a checkpoint serves either loss.
     Both outputs are in the compute `dtype` (the kernel is cast from its float32
-    parameter, as `nn.Dense` does).
+    parameter, as `nn.Dense` does). Parameters carry logical axis names (`vocab`,
+    `embed`, `heads`, `head_dim`, `mlp`) for the mesh rules of
+    `experiments.sharding`.
     """
 
     num_outputs: int  # the vocabulary size

@@ -6,6 +6,7 @@ tests list the whole standard library, which needs no tokenizing.
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -190,7 +191,13 @@ def test_transformer(case):
                           num_layers=2, d_model=32, num_heads=4, max_len=64, **case)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, 12)),
                          jnp.int32)
-    params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
+    boxed = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
+    # Logical axis names for the mesh rules (experiments.sharding), then plain arrays.
+    names = nn.get_partition_spec(boxed)
+    assert tuple(names["embed"]["embedding"]) == ("vocab", "embed")
+    assert tuple(names["block_0"]["mlp_in"]["kernel"]) == ("embed", "mlp")
+    assert tuple(names["block_0"]["query"]["kernel"]) == ("embed", "heads", "head_dim")
+    params = nn.unbox(boxed)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
     assert ("head" in params) == (not case["tie_embeddings"])
     assert ("pos_embed" in params) == (case["positions"] == "learned")
