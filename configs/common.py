@@ -39,7 +39,9 @@ def base_config() -> mlc.ConfigDict:
     c.checks = False  # True: chex value checks inside the step (slower)
     c.init_from = ""  # a workdir whose latest parameters start a fresh run
     c.progress_bar = True
-    c.data = mlc.ConfigDict({"name": "", "kwargs": {}})
+    # train_source: "package.module:name" of a random-access source that replaces
+    # the data set's training split (experiments.pipeline).
+    c.data = mlc.ConfigDict({"name": "", "kwargs": {}, "train_source": ""})
     c.model = mlc.ConfigDict({"name": "", "kwargs": {}})
     c.loss = mlc.ConfigDict({"name": "cross_entropy", "kwargs": {}, "target": "labels"})
     c.optimizer = mlc.ConfigDict({

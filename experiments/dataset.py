@@ -1,14 +1,17 @@
 """The `Dataset` every loader returns, its validation split and its training batches.
 
-Batches are a pure function of `(seed, step)` (`batch_indices`), never of an
-iterator's state: a run resumed from a checkpoint at step s draws exactly the batches
-an uninterrupted run draws from step s on.
+Batches are a pure function of `(seed, step)` (`batch_indices`, from grain's
+random-access index `sampler`), never of an iterator's state: a run resumed from a
+checkpoint at step s draws exactly the batches an uninterrupted run draws from step s
+on, whatever its mesh or process count.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import grain
 import numpy as np
 
 # The splits never depend on the training seed, so seeds vary only the model's
@@ -92,17 +95,23 @@ def validation_split(dataset: Dataset, fraction: float) -> Dataset:
                     f"{dataset.num_train} training examples)")
 
 
-def batch_indices(seed: int, step: int, num_examples: int,
-                  batch_size: int) -> np.ndarray:
-    """The example ids of training step `step`: a pure function of (seed, step).
+@functools.lru_cache(maxsize=16)
+def sampler(seed: int, num_examples: int, batch_size: int) -> grain.MapDataset:
+    """grain's index sampler of the training batches: element s is the example ids
+    of step s (int64 `[batch_size]`).
 
-    Epochs are fresh permutations of the training set (seeded by (seed, epoch)); the
-    remainder of an epoch that does not fill a batch is dropped.
+    Epochs are fresh permutations of the training set (grain's `shuffle` after
+    `repeat` reshuffles every epoch, seeded by `seed`); batches run on across an
+    epoch's end. Random access, so the batches of step s need no iterator state.
     """
     if batch_size > num_examples:
         raise ValueError(
             f"batch_size={batch_size} exceeds the {num_examples} training examples.")
-    steps_per_epoch = num_examples // batch_size
-    epoch, i = divmod(int(step), steps_per_epoch)
-    perm = np.random.default_rng([int(seed), epoch]).permutation(num_examples)
-    return perm[i * batch_size:(i + 1) * batch_size]
+    return (grain.MapDataset.range(num_examples).shuffle(seed=int(seed)).repeat()
+            .batch(batch_size, drop_remainder=True))
+
+
+def batch_indices(seed: int, step: int, num_examples: int,
+                  batch_size: int) -> np.ndarray:
+    """The example ids of training step `step`: a pure function of (seed, step)."""
+    return np.asarray(sampler(int(seed), int(num_examples), int(batch_size))[int(step)])

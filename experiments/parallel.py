@@ -32,22 +32,27 @@ from experiments.tasks import Task
 from lossjax import _checks
 
 
-def global_batch(arrays: dict, sharding: NamedSharding) -> dict:
-    """Global arrays from the full batch, each process contributing the rows it owns.
+def process_rows(sharding: NamedSharding, n: int) -> np.ndarray:
+    """The rows of an `n`-row global batch that land on this process's devices
+    (sorted), under `sharding` of the batch's first axis."""
+    index_map = sharding.addressable_devices_indices_map((n,))
+    spans = sorted({(s[0].start or 0, n if s[0].stop is None else s[0].stop)
+                    for s in index_map.values()})
+    return np.concatenate([np.arange(a, b) for a, b in spans])
 
-    Every process computes the same global batch indices (they depend on (seed, step)
-    only) and hands `jax.make_array_from_process_local_data` the rows that land on its
-    own devices.
-    """
-    out = {}
-    for key, value in arrays.items():
-        n = value.shape[0]
-        index_map = sharding.addressable_devices_indices_map((n,))
-        spans = sorted({(s[0].start or 0, n if s[0].stop is None else s[0].stop)
-                        for s in index_map.values()})
-        local = np.concatenate([value[a:b] for a, b in spans])
-        out[key] = jax.make_array_from_process_local_data(sharding, local, value.shape)
-    return out
+
+def from_process_rows(local: dict, sharding: NamedSharding, n: int) -> dict:
+    """Global `n`-row arrays from this process's rows (`process_rows`) of each."""
+    return {k: jax.make_array_from_process_local_data(sharding, v, (n, *v.shape[1:]))
+            for k, v in local.items()}
+
+
+def global_batch(arrays: dict, sharding: NamedSharding) -> dict:
+    """Global arrays from the full batch, each process contributing the rows it owns
+    (every process holds the whole batch: the test set)."""
+    n = len(next(iter(arrays.values())))
+    rows = process_rows(sharding, n)
+    return from_process_rows({k: v[rows] for k, v in arrays.items()}, sharding, n)
 
 
 def padded(arrays: dict, multiple: int) -> dict:
@@ -64,19 +69,27 @@ def padded(arrays: dict, multiple: int) -> dict:
 class CompiledStep:
     """The compiled step and how host data and checkpoints meet its layout.
 
-    fn(state, batch) -> (state, metrics); put_batch(numpy dict) -> its device batch;
-    to_saved / from_saved convert between the step's state layout and the checkpoint
-    layout (the jit layout); first(metrics) picks one replica's metrics;
+    fn(state, batch) -> (state, metrics); rows(n) -> the rows of an n-row batch
+    this process feeds; put_rows(local numpy dict, n) -> the device batch from those
+    rows; to_saved / from_saved convert between the step's state layout and the
+    checkpoint layout (the jit layout); first(metrics) picks one replica's metrics;
     batch_shards is how many pieces a batch is split into (it must divide the
     batch size).
     """
 
     fn: Callable
-    put_batch: Callable
+    rows: Callable
+    put_rows: Callable
     to_saved: Callable
     from_saved: Callable
     first: Callable
     batch_shards: int
+
+    def put_batch(self, batch: dict) -> dict:
+        """The device batch of a whole numpy batch (every process holds all of it)."""
+        n = len(next(iter(batch.values())))
+        rows = self.rows(n)
+        return self.put_rows({k: v[rows] for k, v in batch.items()}, n)
 
 
 def make_train_step(task: Task, mesh, state_sharding=None, *, parallel: str = "jit",
@@ -100,8 +113,11 @@ def make_train_step(task: Task, mesh, state_sharding=None, *, parallel: str = "j
         if checks:
             fn = chex.chexify(fn, async_check=False)
         identity = lambda s: s
-        return CompiledStep(fn, functools.partial(global_batch, sharding=data_sharding),
-                            identity, identity, identity, sharding.batch_shards(mesh))
+        return CompiledStep(
+            fn, rows=functools.partial(process_rows, data_sharding),
+            put_rows=lambda local, n: from_process_rows(local, data_sharding, n),
+            to_saved=identity, from_saved=identity, first=identity,
+            batch_shards=sharding.batch_shards(mesh))
     if checks:
         raise ValueError("config.checks=True needs config.parallel='jit' "
                          "(chex.chexify wraps jit-compiled functions).")
@@ -125,7 +141,8 @@ def _pmap_step(task: Task, mesh, replicated) -> CompiledStep:
                           axis_types=(jax.sharding.AxisType.Auto,)), P("batch"))
     return CompiledStep(
         fn,
-        put_batch=lambda b: jax.device_put(
+        rows=np.arange,  # one process feeds every row
+        put_rows=lambda b, n: jax.device_put(
             {k: v.reshape(num_devices, -1, *v.shape[1:]) for k, v in b.items()},
             stacked),
         to_saved=lambda s: jax.device_put(jax.tree.map(lambda x: x[0], s), replicated),

@@ -23,7 +23,7 @@ SCHEMA: dict[str, Any] = {
     "keep_checkpoints": int, "parallel": str, "dtype": str, "checks": bool,
     "init_from": str, "progress_bar": bool, "beam_width": int,
     "mesh": {"data": int, "fsdp": int, "model": int},
-    "data": {"name": str, "kwargs": None},
+    "data": {"name": str, "kwargs": None, "train_source": str},
     "model": {"name": str, "kwargs": None},
     "loss": {"name": str, "kwargs": None, "target": str},
     "optimizer": {"name": str, "learning_rate": float, "schedule": str,
@@ -36,7 +36,8 @@ REQUIRED = ("seed", "num_train_steps", "batch_size", "log_every_steps",
             "checks", "data.name", "model.name")
 DEFAULTS = {
     "keep_checkpoints": 3, "init_from": "", "progress_bar": True, "beam_width": 8,
-    "data.kwargs": {}, "model.kwargs": {}, "loss.target": "labels",
+    "data.kwargs": {}, "data.train_source": "", "model.kwargs": {},
+    "loss.target": "labels",
     "optimizer.schedule": "constant", "optimizer.warmup_steps": 0,
     "optimizer.weight_decay": 0.0, "optimizer.momentum": 0.9,
     "optimizer.grad_clip": 0.0,

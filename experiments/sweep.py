@@ -209,6 +209,9 @@ def run(config: mlc.ConfigDict, seeds, learning_rates, *,
             "a sweep runs the plain step on one device: checks=False and "
             f"parallel='jit' (got checks={flat['checks']}, parallel="
             f"{flat['parallel']!r}); train one run with experiments.main for those.")
+    if flat["data.train_source"]:
+        raise ValueError("a sweep trains on the data set's own training split; "
+                         "config.data.train_source is for experiments.main.")
     dataset = data_lib.load(flat["data.name"], cache_dir=cache_dir,
                             **dict(flat["data.kwargs"]))
     train_set = (dataset if validation_fraction is None else

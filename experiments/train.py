@@ -3,9 +3,10 @@
 Validate the config (`experiments.schema`), load the data, get the compiled programs
 (`experiments.programs`: the task's model, optimizer and loss adapter from
 `experiments.tasks`, the pure steps of `experiments.steps` compiled by
-`experiments.parallel`), restore (this workdir, else `config.init_from`, else from
-scratch; `experiments.checkpoints`), then loop: batch of step s (a pure function of
-`(seed, s)`), step, and every `log_every_steps` one host fetch of the metrics, which
+`experiments.parallel` for the mesh of `experiments.sharding`), restore (this
+workdir, else `config.init_from`, else from scratch; `experiments.checkpoints`),
+then loop: batch of step s (a pure function of `(seed, s)`, read through grain by
+`experiments.pipeline`), step, and every `log_every_steps` one host fetch of the metrics, which
 are checked for non-finite values before anything is written or saved
 (`experiments.metrics`); test metrics every `eval_every_steps`, checkpoints every
 `checkpoint_every_steps`, at the end and on SIGTERM (`experiments.preemption`).
@@ -23,7 +24,15 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
-from experiments import checkpoints, memory, metrics, models, programs, schema
+from experiments import (
+    checkpoints,
+    memory,
+    metrics,
+    models,
+    pipeline,
+    programs,
+    schema,
+)
 from experiments import data as data_lib
 from experiments.preemption import Preemption
 
@@ -90,11 +99,16 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
 
     test_arrays = dataset.arrays("test")
     test_batch = prog.test_batch(test_arrays)
-    train_arrays = dataset.arrays("train")
+    # Training batches through grain (experiments.pipeline): this process reads only
+    # its rows of step s's batch, a function of (seed, s).
+    source = (pipeline.load_source(flat["data.train_source"])
+              if flat["data.train_source"]
+              else pipeline.ArraySource(dataset.arrays("train")))
+    batches = pipeline.TrainBatches(source, seed=seed, batch_size=batch_size,
+                                    rows=compiled.rows(batch_size))
 
     def batch_of(step):
-        idx = data_lib.batch_indices(seed, step, dataset.num_train, batch_size)
-        return compiled.put_batch({k: v[idx] for k, v in train_arrays.items()})
+        return compiled.put_rows(batches(step), batch_size)
 
     writer = metrics.MetricWriter(workdir / "metrics.jsonl", start_step)
     bar = metrics.progress_bar(is_main and flat["progress_bar"], num_steps, start_step,

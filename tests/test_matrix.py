@@ -30,8 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import test_classification
+import test_contrastive
 import test_divergence
 import test_large_vocab
+import test_pairwise
 import test_regression
 import test_sequence
 from jax.sharding import NamedSharding
@@ -48,6 +50,8 @@ _FAMILIES = (
     test_divergence,
     test_sequence,
     test_large_vocab,
+    test_contrastive,
+    test_pairwise,
 )
 CASES = [case for family in _FAMILIES for case in getattr(family, "MATRIX_CASES", ())]
 _IDS = [case.label for case in CASES]
