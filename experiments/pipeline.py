@@ -14,8 +14,8 @@ A source is anything with `__len__` and `__getitem__(i) -> {"x": ..., "y": ..., 
 of grain's `RandomAccessDataSource` (an `ArrayRecordDataSource` with a parsing
 wrapper, a memory map, a list). An optional `__getitems__(ids)` reads many records at
 once. The built-in data sets' training splits are `ArraySource`s; a user's own comes
-in with `config.data.train_source="package.module:name"` (an object, or a callable
-returning one, called with no arguments), which replaces the training split of
+in with `config.data.train_source="package.module:name"` (an object, or a class or
+callable returning one, called with no arguments), which replaces the training split of
 `config.data.name` (whose test split, classes and model shapes the run keeps).
 """
 
@@ -51,14 +51,14 @@ class ArraySource:
 
 def load_source(spec: str):
     """The source named by `"package.module:name"`: the object, or what it returns
-    when it is a callable and not itself a source."""
+    when it is a class or a callable that is not itself a source."""
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
         raise ValueError(f"config.data.train_source={spec!r} is not "
                          "'package.module:name'.")
     obj = getattr(importlib.import_module(module), name)
-    if callable(obj) and not hasattr(obj, "__getitem__"):
-        obj = obj()
+    if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "__getitem__")):
+        obj = obj()  # a class or a factory
     if not (hasattr(obj, "__len__") and hasattr(obj, "__getitem__")):
         raise TypeError(f"config.data.train_source={spec!r} gives a "
                         f"{type(obj).__name__}, which has no __len__ and "
