@@ -6,8 +6,8 @@ Validate the config (`experiments.schema`), load the data, get the compiled prog
 `experiments.parallel` for the mesh of `experiments.sharding`), restore (this
 workdir, else `config.init_from`, else from scratch; `experiments.checkpoints`),
 then loop: batch of step s (a pure function of `(seed, s)`, read through grain by
-`experiments.pipeline`), step, and every `log_every_steps` one host fetch of the metrics, which
-are checked for non-finite values before anything is written or saved
+`experiments.pipeline`), step, and every `log_every_steps` one host fetch of the
+metrics, which are checked for non-finite values before anything is written or saved
 (`experiments.metrics`); test metrics every `eval_every_steps`, checkpoints every
 `checkpoint_every_steps`, at the end and on SIGTERM (`experiments.preemption`).
 """

@@ -31,9 +31,11 @@ import numpy as np
 import pytest
 import test_classification
 import test_contrastive
+import test_distillation
 import test_divergence
 import test_large_vocab
 import test_pairwise
+import test_preference
 import test_regression
 import test_sequence
 from jax.sharding import NamedSharding
@@ -52,6 +54,8 @@ _FAMILIES = (
     test_large_vocab,
     test_contrastive,
     test_pairwise,
+    test_preference,
+    test_distillation,
 )
 CASES = [case for family in _FAMILIES for case in getattr(family, "MATRIX_CASES", ())]
 _IDS = [case.label for case in CASES]
