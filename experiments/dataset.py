@@ -95,23 +95,52 @@ def validation_split(dataset: Dataset, fraction: float) -> Dataset:
                     f"{dataset.num_train} training examples)")
 
 
-@functools.lru_cache(maxsize=16)
 def sampler(seed: int, num_examples: int, batch_size: int) -> grain.MapDataset:
     """grain's index sampler of the training batches: element s is the example ids
-    of step s (int64 `[batch_size]`).
+    of step s (`[batch_size]`).
 
-    Epochs are fresh permutations of the training set (grain's `shuffle` after
-    `repeat` reshuffles every epoch, seeded by `seed`); batches run on across an
-    epoch's end. Random access, so the batches of step s need no iterator state.
+    Epochs are fresh permutations of the training set (grain's `shuffle` before
+    `repeat` reshuffles every epoch); batches run on across an epoch's end. grain
+    seeds epoch e with (its seed + e), so the run's seed is hashed into grain's
+    first: seeds 0 and 1 would otherwise see the same epochs one epoch apart.
+    Random access, so the batches of step s need no iterator state.
     """
     if batch_size > num_examples:
         raise ValueError(
             f"batch_size={batch_size} exceeds the {num_examples} training examples.")
-    return (grain.MapDataset.range(num_examples).shuffle(seed=int(seed)).repeat()
-            .batch(batch_size, drop_remainder=True))
+    return (_shuffled(int(seed), int(num_examples))
+            .batch(int(batch_size), drop_remainder=True))
+
+
+def _shuffled(seed: int, num_examples: int) -> grain.MapDataset:
+    grain_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
+    return grain.MapDataset.range(num_examples).shuffle(seed=grain_seed).repeat()
+
+
+@functools.lru_cache(maxsize=256)
+def _epoch(seed: int, num_examples: int, epoch: int) -> np.ndarray:
+    # grain computes a shuffled index per element (tens of microseconds each on
+    # CPU); the runs of a study share each epoch's permutation through this cache.
+    shuffled = _shuffled(seed, num_examples)
+    start = epoch * num_examples
+    return np.fromiter((shuffled[i] for i in range(start, start + num_examples)),
+                       np.int64, num_examples)
 
 
 def batch_indices(seed: int, step: int, num_examples: int,
                   batch_size: int) -> np.ndarray:
-    """The example ids of training step `step`: a pure function of (seed, step)."""
-    return np.asarray(sampler(int(seed), int(num_examples), int(batch_size))[int(step)])
+    """The example ids of training step `step`: a pure function of (seed, step),
+    element `step` of `sampler(seed, num_examples, batch_size)`, read through a
+    cache of whole epochs."""
+    if batch_size > num_examples:
+        raise ValueError(
+            f"batch_size={batch_size} exceeds the {num_examples} training examples.")
+    seed, n = int(seed), int(num_examples)
+    first = int(step) * int(batch_size)
+    positions = np.arange(first, first + int(batch_size))
+    epochs = positions // n
+    out = np.empty(len(positions), np.int64)
+    for e in np.unique(epochs):
+        where = epochs == e
+        out[where] = _epoch(seed, n, int(e))[positions[where] - e * n]
+    return out

@@ -2,12 +2,13 @@
 sampler seeded by `config.seed`, sharded by process, batched.
 
 Step s's global batch is the records `dataset.sampler(seed, len(source),
-batch_size)[s]` of the source. Each process reads from the source only the rows of
-that batch which land on its own devices (`CompiledStep.rows`) and stacks them; the
-step's `put_rows` makes the global array. The sampler is random access, so the
-pipeline's whole state is the step: the checkpoint's `step` restores it, and a resumed
-run, on any mesh or process count, reads exactly the batches an uninterrupted run
-reads (there is no iterator position to save beside it, and none to disagree with it).
+batch_size)[s]` of the source (read as `dataset.batch_indices`). Each process reads
+from the source only the rows of that batch which land on its own devices
+(`CompiledStep.rows`) and stacks them; the step's `put_rows` makes the global array.
+The sampler is random access, so the pipeline's whole state is the step: the
+checkpoint's `step` restores it, and a resumed run, on any mesh or process count,
+reads exactly the batches an uninterrupted run reads (there is no iterator position
+to save beside it, and none to disagree with it).
 
 A source is anything with `__len__` and `__getitem__(i) -> {"x": ..., "y": ..., ...}`
 (one record: the keys and per-example shapes of the data set's arrays), the protocol
@@ -15,8 +16,8 @@ of grain's `RandomAccessDataSource` (an `ArrayRecordDataSource` with a parsing
 wrapper, a memory map, a list). An optional `__getitems__(ids)` reads many records at
 once. The built-in data sets' training splits are `ArraySource`s; a user's own comes
 in with `config.data.train_source="package.module:name"` (an object, or a class or
-callable returning one, called with no arguments), which replaces the training split of
-`config.data.name` (whose test split, classes and model shapes the run keeps).
+callable returning one, called with no arguments), which replaces the training split
+of `config.data.name` (whose test split, classes and model shapes the run keeps).
 """
 
 from __future__ import annotations
@@ -72,10 +73,11 @@ class TrainBatches:
     def __init__(self, source, *, seed: int, batch_size: int, rows: np.ndarray):
         self.source = source
         self.rows = np.asarray(rows)
-        self.sampler = dataset_lib.sampler(int(seed), len(source), int(batch_size))
+        self.seed, self.batch_size = int(seed), int(batch_size)
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        ids = np.asarray(self.sampler[int(step)])[self.rows]
+        ids = dataset_lib.batch_indices(self.seed, step, len(self.source),
+                                        self.batch_size)[self.rows]
         read_many = getattr(self.source, "__getitems__", None)
         if read_many is not None:
             return read_many(ids)

@@ -269,6 +269,17 @@ def test_sampler_epochs_are_fresh_permutations_seeded_by_the_seed():
                               dataset.batch_indices(0, 0, n, batch))
     with pytest.raises(ValueError, match="exceeds"):
         dataset.batch_indices(0, 0, 10, 20)
+    # The cached reading is grain's sampler, also across an epoch's end (step 2 of
+    # 7 rows of 3 spans epochs 0 and 1); neighbouring seeds share no epoch.
+    grain_batches = dataset.sampler(5, 7, 3)
+    for step in range(8):
+        np.testing.assert_array_equal(dataset.batch_indices(5, step, 7, 3),
+                                      np.asarray(grain_batches[step]))
+    first = lambda seed: np.concatenate([dataset.batch_indices(seed, s, n, batch)
+                                         for s in range(5)])
+    second = np.concatenate([dataset.batch_indices(0, s, n, batch)
+                             for s in range(5, 10)])
+    assert not np.array_equal(first(1), second)
 
 
 def test_each_process_reads_only_its_rows():
