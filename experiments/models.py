@@ -147,6 +147,54 @@ class SpeechConv(nn.Module):
 MODELS["speech_conv"] = SpeechConv
 
 
+def augment(key, images, *, shift: int = 1, noise: float = 0.1):
+    """A random view of each image `[batch, h, w, c]`: a shift of up to `shift`
+    pixels along each axis (wrapping around) and Gaussian noise of std `noise`; a
+    pure function of `key`."""
+    shift_key, noise_key = jax.random.split(key)
+    offsets = jax.random.randint(shift_key, (images.shape[0], 2), -shift, shift + 1)
+    rolled = jax.vmap(lambda im, o: jnp.roll(im, (o[0], o[1]), axis=(0, 1)))(
+        images, offsets)
+    return rolled + noise * jax.random.normal(noise_key, images.shape, images.dtype)
+
+
+class ViewEncoder(nn.Module):
+    """The digits CNN as an encoder of L2-normalized `num_outputs`-dim embeddings,
+    for contrastive learning on two augmented views of each image.
+
+    Training (a "dropout" rng given, as the train step does): the embeddings of two
+    views of each image (`augment`, keyed by the step's rng: a pure function of
+    (seed, step)), `[2, batch, dim]`, both through the same weights. Evaluation (no
+    rng): the embeddings of the images as they are, `[batch, dim]`.
+    """
+
+    num_outputs: int
+    features: tuple[int, ...] = (16, 32)
+    hidden: int = 64
+    shift: int = 1
+    noise: float = 0.1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        encoder = CNN(self.num_outputs, self.features, self.hidden, self.dtype)
+
+        def embed(images):
+            e = encoder(images).astype(jnp.float32)
+            return e * jax.lax.rsqrt(jnp.maximum(jnp.sum(e * e, -1, keepdims=True),
+                                                 1e-12))
+
+        x = x.astype(jnp.float32)
+        if not self.has_rng("dropout"):
+            return embed(x)
+        keys = jax.random.split(self.make_rng("dropout"))
+        return jnp.stack([embed(augment(k, x, shift=self.shift, noise=self.noise))
+                          for k in keys])
+
+
+MODELS["view_encoder"] = ViewEncoder
+
+
 def create(name: str, *, num_outputs: int, dtype, **kwargs) -> nn.Module:
     """The model class `name` built with `kwargs` (tuples for list-valued fields)."""
     if name not in MODELS:

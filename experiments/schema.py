@@ -45,7 +45,8 @@ DEFAULTS = {
 }
 # How model outputs meet the loss: the keys of `experiments.tasks.ADAPTERS` (a test
 # keeps the two equal; this module does not import the adapters' flax and optax).
-LOSS_TARGETS = ("labels", "one_hot", "value", "mean_variance", "ctc", "tokens")
+LOSS_TARGETS = ("labels", "one_hot", "value", "mean_variance", "ctc", "tokens",
+                "views", "view_pairs", "view_classes")
 ALLOWED = {
     "parallel": ("jit", "pmap"),
     "dtype": ("float32", "bfloat16"),

@@ -129,23 +129,36 @@ def vocab_parallel(loss_fn, mesh):
     """`loss_fn(hidden, kernel, labels, *, where)` (a fused head loss, "mean") computed
     in `jax.shard_map`: rows split over the batch axes, the head kernel's vocabulary
     over "model", never gathered; the result is the global mean, replicated."""
+    batch = P(BATCH_AXES)
+    # Loss shape [batch, seq]: a per-example `where` is [batch, 1].
+    return _in_shard_map(loss_fn, mesh, (batch, P(None, "model"), batch),
+                         loss_rank=2, vocab_axis_name="model")
 
-    batch_spec = P(BATCH_AXES)
 
-    def local(hidden, kernel, labels, where):
-        return loss_fn(hidden, kernel, labels, where=where, axis_name=BATCH_AXES,
-                       vocab_axis_name="model")
+def batch_parallel(loss_fn, mesh, num_args: int = 2):
+    """`loss_fn(*arrays, where)` ("mean") computed in `jax.shard_map` with every
+    array split over the batch axes and `axis_name` set to them: a contrastive loss
+    scores each device's anchors against candidates gathered from every device."""
+    return _in_shard_map(loss_fn, mesh, (P(BATCH_AXES),) * num_args, loss_rank=1)
 
-    mapped = jax.shard_map(local, mesh=mesh,
-                           in_specs=(batch_spec, P(None, "model"), batch_spec,
-                                     batch_spec),
+
+def _in_shard_map(loss_fn, mesh, arg_specs, *, loss_rank: int, **axes):
+    """`loss_fn` in `jax.shard_map` over `mesh` with `axis_name=BATCH_AXES` (and
+    `axes`): positional arrays laid out by `arg_specs`, `where` split over the
+    batch axes (all True, `[batch] + [1] * (loss_rank - 1)`, when None), the
+    replicated global mean out."""
+
+    def local(*args):
+        *arrays, where = args
+        return loss_fn(*arrays, where=where, axis_name=BATCH_AXES, **axes)
+
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(*arg_specs, P(BATCH_AXES)),
                            out_specs=P())
 
     @functools.wraps(loss_fn)
-    def loss(hidden, kernel, labels, *, where=None):
+    def loss(*arrays, where=None):
         if where is None:
-            where = jnp.ones(labels.shape[:1] + (1,) * (labels.ndim - 1), bool)
-        return mapped(hidden, kernel, labels, where)
+            where = jnp.ones(arrays[0].shape[:1] + (1,) * (loss_rank - 1), bool)
+        return mapped(*arrays, where)
 
     return loss
-

@@ -203,7 +203,73 @@ def _token_metrics(task, outputs, batch):
             "accuracy": jnp.sum(hits) / (jnp.sum(mask) * labels.shape[1])}
 
 
+# --- contrastive learning: embeddings of two views of each image ---------------------
+
+# The width of the contrastive embeddings (the encoder's output).
+EMBEDDING_DIM = 32
+# Targets whose loss takes view embeddings (the two towers, or the views stacked with
+# labels that pair them); with several batch shards their negatives are gathered from
+# every device (`sharding.batch_parallel`).
+CONTRASTIVE_TARGETS = ("views", "view_pairs", "view_classes")
+
+
+def _views_loss(task, outputs, batch, where):
+    # outputs [2, batch, dim]: view 1 is row i's "image", view 2 its "text".
+    return task.loss_fn(outputs[0], outputs[1], where=where)
+
+
+def _stacked_views_loss(labels_of):
+    """A labelled contrastive loss on both views stacked `[2 * batch, dim]`: the
+    labels of one view repeated for the other, `labels_of(batch, n)`."""
+
+    def loss(task, outputs, batch, where):
+        n = outputs.shape[1]
+        labels = labels_of(batch, n)
+        return task.loss_fn(outputs.reshape(2 * n, -1),
+                            jnp.concatenate([labels, labels]),
+                            where=None if where is None
+                            else jnp.concatenate([where, where]))
+
+    return loss
+
+
+def _probe_metrics(task, outputs, batch, *, probe_steps: int = 200):
+    """Frozen embeddings `[n, dim]` of the held-out images, scored two ways:
+    `knn_accuracy` (leave-one-out nearest neighbour by cosine similarity) and
+    `probe_accuracy` (a logistic regression fitted with optax on one half of the
+    held-out images, by example parity, and scored on the other, both ways round)."""
+    mask, labels = batch["mask"], batch["y"]
+    e = jax.lax.stop_gradient(outputs.astype(jnp.float32))
+    n = e.shape[0]
+    others = mask[None, :] & ~jnp.eye(n, dtype=bool)
+    nearest = jnp.argmax(jnp.where(others, e @ e.T, -jnp.inf), axis=1)
+    knn = jnp.sum(mask & (labels[nearest] == labels)) / jnp.sum(mask)
+
+    def probe(fit, score):
+        tx = optax.adam(0.05)
+        w = {"w": jnp.zeros((e.shape[1], task.num_classes)),
+             "b": jnp.zeros(task.num_classes)}
+
+        def fit_loss(w):
+            return lossjax.cross_entropy(e @ w["w"] + w["b"], labels, where=fit)
+
+        def step(_, carry):
+            w, opt = carry
+            updates, opt = tx.update(jax.grad(fit_loss)(w), opt)
+            return optax.apply_updates(w, updates), opt
+
+        w, _ = jax.lax.fori_loop(0, probe_steps, step, (w, tx.init(w)))
+        hits = jnp.argmax(e @ w["w"] + w["b"], axis=-1) == labels
+        return jnp.sum(score & hits), jnp.sum(score)
+
+    even = jnp.arange(n) % 2 == 0
+    (h1, c1), (h2, c2) = probe(mask & even, mask & ~even), probe(mask & ~even,
+                                                                  mask & even)
+    return {"knn_accuracy": knn, "probe_accuracy": (h1 + h2) / (c1 + c2)}
+
+
 _classes = lambda num_classes: num_classes
+_embedding = lambda _: EMBEDDING_DIM
 ADAPTERS: dict[str, Adapter] = {
     "labels": Adapter(_labels_loss, _class_metrics, _classes, _train_accuracy),
     "one_hot": Adapter(_one_hot_loss, _class_metrics, _classes, _train_accuracy),
@@ -214,6 +280,14 @@ ADAPTERS: dict[str, Adapter] = {
     # No training accuracy: it would build the [batch, seq, vocab] logits that
     # `linear_cross_entropy` avoids (the test accuracy is reported).
     "tokens": Adapter(_tokens_loss, _token_metrics, _classes),
+    # Two-tower losses (clip_loss, sigmoid_contrastive_loss, info_nce) on the views.
+    "views": Adapter(_views_loss, _probe_metrics, _embedding),
+    # Labelled losses on the stacked views: each example its own label (ntxent), or
+    # its class (supervised_contrastive_loss).
+    "view_pairs": Adapter(_stacked_views_loss(lambda b, n: jnp.arange(n)),
+                          _probe_metrics, _embedding),
+    "view_classes": Adapter(_stacked_views_loss(lambda b, n: b["y"]),
+                            _probe_metrics, _embedding),
 }
 
 
@@ -252,7 +326,8 @@ def build_task(config: mlc.ConfigDict | None, dataset: Dataset, flat=None,
     """Model, optimizer and loss of `config` (or of its validated fields `flat`).
 
     On a `mesh` with a "model" axis of size > 1, a fused-head loss is computed
-    vocabulary-parallel (`sharding.vocab_parallel`).
+    vocabulary-parallel (`sharding.vocab_parallel`); with several batch shards a
+    contrastive loss gathers its negatives over them (`sharding.batch_parallel`).
     """
     flat = schema.validate_config(config) if flat is None else flat
     target = flat["loss.target"]
@@ -264,6 +339,9 @@ def build_task(config: mlc.ConfigDict | None, dataset: Dataset, flat=None,
                                 **dict(flat["loss.kwargs"]))
     if return_hidden and mesh is not None and mesh.shape.get("model", 1) > 1:
         loss_fn = sharding.vocab_parallel(loss_fn, mesh)
+    if (target in CONTRASTIVE_TARGETS and mesh is not None
+            and sharding.batch_shards(mesh) > 1):
+        loss_fn = sharding.batch_parallel(loss_fn, mesh)
     return Task(model=model,
                 tx=make_optimizer(schema.optimizer_fields(flat),
                                   flat["num_train_steps"]),

@@ -216,9 +216,23 @@ def clip_loss(
     a, b, kept = _two_tower_setup("clip_loss", image_embeddings, text_embeddings,
                                   where, ("image_embeddings", "text_embeddings"))
     inv_t = 1 / hyperparameter(temperature, a.dtype)
-    k_all = _gather(kept, axis_name)
-    i2t = _one_direction(a, b, _gather(b, axis_name), k_all, inv_t)
-    t2i = _one_direction(b, a, _gather(a, axis_name), k_all, inv_t)
+    if axis_name is None:
+        # One [b, b] block serves both directions (its rows and its columns): half the
+        # matmuls of scoring each direction on its own.
+        logits = (a @ b.T) * inv_t
+        positive = jnp.sum(a * b, axis=-1) * inv_t
+        cols = rows = None
+        if kept is not None:
+            cols = jnp.broadcast_to(kept[None, :], logits.shape)
+            rows = jnp.broadcast_to(kept[:, None], logits.shape)
+        i2t = _masked_logsumexp(logits, cols, axis=1) - positive
+        t2i = _masked_logsumexp(logits, rows, axis=0) - positive
+    else:
+        # Local rows against the gathered columns, in each direction: the columns of
+        # the global block that hold this device's texts live on every device.
+        k_all = _gather(kept, axis_name)
+        i2t = _one_direction(a, b, _gather(b, axis_name), k_all, inv_t)
+        t2i = _one_direction(b, a, _gather(a, axis_name), k_all, inv_t)
     return reduce_loss((i2t + t2i) / 2, kept=kept, weights=weights,
                        reduction=reduction, axis_name=axis_name)
 
