@@ -5,10 +5,12 @@ References are float64 NumPy, written from the formulas, never calling lossjax.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 from loss_cases import MatrixCase
@@ -182,6 +184,33 @@ def test_contract_on_logits():
     bad[0, 0] = np.nan
     with pytest.raises(AssertionError, match="lossjax.distillation_loss"):
         lossjax.checked(lossjax.distillation_loss)(bad, t[where])
+
+
+class VariantsTest(parameterized.TestCase):
+    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    def test_under_variants(self):
+        rng = np.random.default_rng(12)
+        s, t = _logits(rng, n=6)
+        sh, sk, th, tk, _, _ = _heads(rng, n=8)
+
+        @self.variant
+        def f(s, t, sh, sk, th, tk):
+            return (lossjax.distillation_loss(s, t, temperature=2.0),
+                    lossjax.linear_generalized_jsd_loss(sh, sk, th, tk, beta=0.2))
+
+        want = (lossjax.distillation_loss(s, t, temperature=2.0),
+                lossjax.linear_generalized_jsd_loss(sh, sk, th, tk, beta=0.2))
+        np.testing.assert_allclose(f(s, t, sh, sk, th, tk), want, rtol=1e-6)
+
+
+def test_vmap_equals_the_batched_call():
+    rng = np.random.default_rng(13)
+    s, t = _logits(rng, n=12)
+    s3, t3 = s.reshape(3, 4, -1), t.reshape(3, 4, -1)
+    got = jax.vmap(lambda a, b: lossjax.distillation_loss(a, b, reduction="none"))(
+        s3, t3)
+    np.testing.assert_allclose(
+        got, lossjax.distillation_loss(s3, t3, reduction="none"), rtol=1e-6)
 
 
 # --- fused with the heads ---------------------------------------------------------

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 from loss_cases import MatrixCase
@@ -331,6 +333,26 @@ def test_jit_and_vmap():
     loop = np.stack([f(*data[:, i]) for i in range(3)])
     np.testing.assert_allclose(batched, loop, rtol=1e-6)
     np.testing.assert_allclose(jax.jit(f)(*data[:, 0]), f(*data[:, 0]), rtol=1e-6)
+
+
+class VariantsTest(parameterized.TestCase):
+    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    def test_under_variants(self):
+        rng = np.random.default_rng(17)
+        data = _logps(rng, 6)
+        hc, hr, w, bias, yc, yr, ref_c, ref_r = _dpo_inputs(rng)
+
+        @self.variant
+        def f(c, r, rc, rr, hc, hr, w):
+            return (lossjax.dpo_loss(c, r, rc, rr, loss_type="nca_pair"),
+                    lossjax.linear_dpo_loss(hc, hr, w, yc, yr, ref_c, ref_r,
+                                            block_size=32))
+
+        got = f(*data, hc, hr, w)
+        want = (lossjax.dpo_loss(*data, loss_type="nca_pair"),
+                lossjax.linear_dpo_loss(hc, hr, w, yc, yr, ref_c, ref_r,
+                                        block_size=32))
+        np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_bad_inputs_raise():
