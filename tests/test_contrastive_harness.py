@@ -11,8 +11,8 @@ import pytest
 from test_experiments import read_metrics, smoke_config
 
 from configs import contrastive
-from experiments import models, tasks, train
 from experiments import data as data_lib
+from experiments import models, tasks, train
 
 
 def test_views_are_a_pure_function_of_the_key():
